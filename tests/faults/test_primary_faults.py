@@ -1,0 +1,132 @@
+"""A primary that fails fails writes loudly (NoPrimaryError), loses none, and is followed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from areplica import NoPrimaryError
+from areplica.testing.topology import LocalTopology
+from tests.conftest import sql_on, wait_for
+from tests.faults.conftest import (
+    SLACK,
+    TIMINGS,
+    assert_clean_after_close,
+    baseline,
+    fault_manager,
+    under_load,
+)
+
+pytestmark = [pytest.mark.faults, pytest.mark.integration]
+
+FOLLOW_BOUND = (
+    TIMINGS["fail_after"] * TIMINGS["health_interval"] + TIMINGS["health_timeout"] + SLACK
+)
+
+
+@pytest.fixture
+def own_topo() -> Iterator[LocalTopology]:
+    """A fresh topology: promotion cannot be undone."""
+    with LocalTopology(replicas=2) as topology:
+        sql_on(topology, "primary", "CREATE TABLE fault_log (id bigserial PRIMARY KEY, tag text)")
+        topology.wait_replicated()
+        yield topology
+
+
+async def test_primary_killed_then_restarted(ftopo: LocalTopology) -> None:
+    before = baseline(ftopo)
+    mgr = fault_manager(ftopo)
+    await mgr.connect()
+    async with under_load(mgr, ftopo, readers=50) as load:
+        await asyncio.sleep(1.0)
+        ftopo.kill("primary")
+        killed_at = time.monotonic()
+        # Every write from now on fails with NoPrimaryError, each within the bound.
+        for _ in range(10):
+            started = time.monotonic()
+            with pytest.raises(NoPrimaryError) as info:
+                await mgr.execute_sql("INSERT INTO fault_log (tag) VALUES ('after-kill')")
+            assert time.monotonic() - started < TIMINGS["health_timeout"] + 1.0
+            assert info.value.node == "primary"
+            await asyncio.sleep(0.1)
+        reads_before = len(load.reads)
+        await asyncio.sleep(1.0)
+        assert len(load.reads) > reads_before  # reads go on, on the replicas
+        ftopo.start_node("primary")
+        await wait_for(lambda: mgr.status()[0].state == "up", timeout=15)
+        rows = await mgr.execute_sql(
+            "INSERT INTO fault_log (tag) VALUES ('resumed') RETURNING inet_server_port()"
+        )
+        assert rows == [(ftopo.port("primary"),)]
+        await asyncio.sleep(0.5)
+    assert load.failed_reads == []
+    del killed_at
+    assert all(isinstance(e, NoPrimaryError) for e in load.failed_writes)
+    load.check_writes_on_primary()
+    assert sql_on(ftopo, "primary", "SELECT count(*) FROM fault_log WHERE tag = 'after-kill'") == [
+        (0,)
+    ]
+    await asyncio.to_thread(ftopo.wait_replicated)
+    await assert_clean_after_close(mgr, ftopo, before)
+
+
+async def test_primary_stopped_and_replica_promoted(own_topo: LocalTopology) -> None:
+    mgr = fault_manager(own_topo)
+    await mgr.connect()
+    async with under_load(mgr, own_topo, readers=50) as load:
+        await asyncio.sleep(0.5)
+        own_topo.stop("primary")
+        await asyncio.to_thread(own_topo.promote, "replica-1")
+        promoted_at = time.monotonic()
+
+        async def writes_reach_promoted() -> bool:
+            try:
+                rows = await mgr.execute_sql(
+                    "INSERT INTO fault_log (tag) VALUES ('promoted') RETURNING inet_server_port()"
+                )
+            except NoPrimaryError:
+                return False
+            return rows == [(own_topo.port("replica-1"),)]
+
+        await wait_for(writes_reach_promoted, timeout=FOLLOW_BOUND, interval=0.05)
+        followed = time.monotonic() - promoted_at
+        await asyncio.sleep(0.5)
+    print(f"\nwrites reached the promoted node {followed:.2f}s after promotion")
+    assert load.failed_reads == []
+    assert all(isinstance(e, NoPrimaryError) for e in load.failed_writes)
+    # Every acknowledged write is on the new primary (the old one's were replicated first).
+    load.check_writes_on_primary("replica-1")
+    status = {s.name: s for s in mgr.status()}
+    assert status["replica-1"].role == "primary"
+    await mgr.close()
+
+
+async def test_promotion_while_old_primary_is_up_refuses_writes(
+    own_topo: LocalTopology, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="areplica")
+    mgr = fault_manager(own_topo)
+    await mgr.connect()
+    await mgr.execute_sql("INSERT INTO fault_log (tag) VALUES ('before')")
+    await asyncio.to_thread(own_topo.promote, "replica-2")
+
+    async def refused() -> bool:
+        try:
+            await mgr.execute_sql("INSERT INTO fault_log (tag) VALUES ('split')")
+        except NoPrimaryError:
+            return True
+        return False
+
+    await wait_for(refused, timeout=FOLLOW_BOUND)
+    for _ in range(5):
+        with pytest.raises(NoPrimaryError):
+            await mgr.execute_sql("INSERT INTO fault_log (tag) VALUES ('split')")
+    assert "split brain" in caplog.text
+    # Reads still work (on the remaining standby or the old primary? never the rogue one).
+    rows = await mgr.execute_sql("SELECT inet_server_port()")
+    assert rows is not None and rows[0][0] != own_topo.port("replica-2")
+    await mgr.close()
