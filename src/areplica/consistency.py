@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["format_lsn", "parse_lsn"]
+__all__ = ["WAL_POSITION_SQL", "format_lsn", "parse_lsn", "token_position"]
+
+#: The primary's position a read-your-writes token records. The *insert* position, not
+#: ``pg_current_wal_lsn()`` (the write position): under ``synchronous_commit = off`` a commit
+#: returns before its WAL is written, so the write position can still be before the commit
+#: record, and a replica that reached it would serve a read without the write.
+WAL_POSITION_SQL = "SELECT pg_current_wal_insert_lsn()::text"
+
 
 _LSN = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
 
@@ -27,3 +34,17 @@ def format_lsn(lsn: int) -> str:
     if lsn < 0 or lsn >= 1 << 64:
         raise ValueError(f"not a WAL position: {lsn}")
     return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def token_position(lsn: int, block_size: int = 8192, segment_size: int = 16 << 20) -> int:
+    """The position a replica's replay must reach to cover everything before ``lsn``.
+
+    The insert position of an idle primary may sit just past a WAL page header (24 bytes,
+    40 at a segment start) where no record can end: a replica that replayed everything
+    reports the page start, so the token counts from there.
+    """
+    if lsn % segment_size == 40:
+        return lsn - 40
+    if lsn % block_size == 24:
+        return lsn - 24
+    return lsn

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .consistency import parse_lsn
+from .consistency import parse_lsn, token_position
 from .node import Node, State
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ logger = logging.getLogger("areplica")
 PROBE_SQL = (
     "SELECT pg_is_in_recovery(),"
     " CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()::text"
-    " ELSE pg_current_wal_lsn()::text END,"
+    " ELSE pg_current_wal_insert_lsn()::text END,"
     " CASE WHEN pg_is_in_recovery()"
     " THEN extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float8"
     " END"
@@ -81,7 +81,7 @@ class ProbeConnection:
         in_recovery, lsn_text, replay_age = row
         return ProbeResult(
             in_recovery=bool(in_recovery),
-            lsn=parse_lsn(lsn_text) if lsn_text else None,
+            lsn=_position(lsn_text, bool(in_recovery)),
             replay_age=float(replay_age) if replay_age is not None else None,
             latency_ms=latency_ms,
         )
@@ -91,6 +91,15 @@ class ProbeConnection:
         if conn is not None:
             with contextlib.suppress(Exception):
                 await self.node.driver.close(conn)
+
+
+def _position(text: str | None, in_recovery: bool) -> int | None:
+    if not text:
+        return None
+    lsn = parse_lsn(text)
+    # A primary's insert position may sit just past a page header that no replay can end
+    # in: count from the page start, or an idle, caught-up replica would show 24 bytes lag.
+    return lsn if in_recovery else token_position(lsn)
 
 
 async def probe(node: Node, timeout: float) -> ProbeResult:

@@ -32,7 +32,7 @@ import peewee
 from peewee_async.result_wrappers import fetch_models
 
 from . import dsn as dsn_mod
-from .consistency import format_lsn, parse_lsn
+from .consistency import WAL_POSITION_SQL, format_lsn, parse_lsn, token_position
 from .database import routing_database_for
 from .drivers import Driver, get_driver
 from .errors import (
@@ -154,7 +154,7 @@ _SESSION: ContextVar[Mapping[object, _Session]] = ContextVar(
 )
 
 _REPLAY_SQL = "SELECT pg_last_wal_replay_lsn()::text"
-_CURRENT_SQL = "SELECT pg_current_wal_lsn()::text"
+_CURRENT_SQL = WAL_POSITION_SQL
 
 _OPTION_NAMES = (
     "causal_wait",
@@ -787,7 +787,7 @@ class ReplicaManager:
             row = await self._run_read(primary, _CURRENT_SQL, None, _fetchone_raw, count=False)
         except Exception:
             return  # cannot vet it now: routing treats it as any unreached token
-        current = parse_lsn(row[0])
+        current = token_position(parse_lsn(row[0]))
         self._highest_lsn = max(self._highest_lsn, current)
         if lsn > current:
             self._warn_once(
@@ -941,9 +941,9 @@ class ReplicaManager:
                     result = await fetch(self.database, cursor) if fetch else None
                     lsn = None
                     if self.consistency == "causal":
-                        await cursor.execute("SELECT pg_current_wal_lsn()::text")
+                        await cursor.execute(WAL_POSITION_SQL)
                         row = await cursor.fetchone()
-                        lsn = parse_lsn(row[0])
+                        lsn = token_position(parse_lsn(row[0]))
             discard = False
             node.writes += 1
             self._note_write(lsn)
@@ -968,10 +968,8 @@ class ReplicaManager:
         if self.consistency != "causal":
             self._note_write(None)
             return
-        lsn_row = await self._run_bound(
-            binding, "SELECT pg_current_wal_lsn()::text", None, _fetchone_raw
-        )
-        self._note_write(parse_lsn(lsn_row[0]))
+        lsn_row = await self._run_bound(binding, WAL_POSITION_SQL, None, _fetchone_raw)
+        self._note_write(token_position(parse_lsn(lsn_row[0])))
 
     # -- reads
 
@@ -980,7 +978,7 @@ class ReplicaManager:
     ) -> list[Node]:
         out = []
         for node in self._readers():
-            if node.state != "up" or node in exclude:
+            if node.state != "up" or node in exclude or node.weight <= 0:
                 continue
             if max_staleness is not None and (
                 node.lag_seconds is None or node.lag_seconds > max_staleness

@@ -55,7 +55,7 @@ class Load:
     mgr: ReplicaManager
     topology: LocalTopology
     readers: int = 50
-    reads: list[tuple[float, int]] = field(default_factory=list)  # (time, server port)
+    reads: list[tuple[float, int]] = field(default_factory=list)  # (started at, server port)
     slowest: float = 0.0
     failed_reads: list[BaseException] = field(default_factory=list)
     acknowledged: list[str] = field(default_factory=list)
@@ -71,7 +71,7 @@ class Load:
             try:
                 rows = await self.mgr.execute_sql("SELECT inet_server_port()")
                 assert rows is not None
-                self.reads.append((time.monotonic(), int(rows[0][0])))
+                self.reads.append((started, int(rows[0][0])))
             except Exception as exc:
                 self.failed_reads.append(exc)
             self.slowest = max(self.slowest, time.monotonic() - started)
@@ -98,6 +98,7 @@ class Load:
         await asyncio.gather(*self._tasks)
 
     def reads_on(self, port: int, since: float = 0.0, until: float = float("inf")) -> int:
+        """Reads served by ``port`` that *started* between ``since`` and ``until``."""
         return sum(1 for at, p in self.reads if p == port and since <= at <= until)
 
     def check_writes_on_primary(self, node: str = "primary") -> None:

@@ -72,8 +72,14 @@ async def test_1000_write_then_read_pairs(
     delayed: LocalTopology, ports: dict[str, int], driver: str
 ) -> None:
     results = {}
-    for mode in ("causal", "sticky", "eventual"):
-        mgr = make_manager(delayed, consistency=mode, driver=driver, pool_size=10)
+    modes = {
+        "causal": {"consistency": "causal"},
+        "causal+wait": {"consistency": "causal", "causal_wait": 0.05},
+        "sticky": {"consistency": "sticky"},
+        "eventual": {"consistency": "eventual"},
+    }
+    for mode, options in modes.items():
+        mgr = make_manager(delayed, driver=driver, pool_size=10, **options)
         async with mgr:
             proxy.initialize(mgr.database)
             await caught_up(mgr, delayed)
@@ -85,6 +91,7 @@ async def test_1000_write_then_read_pairs(
                 f"replica share={replica_share:.0%}"
             )
     assert results["causal"][0] == 0
+    assert results["causal+wait"][0] == 0
     assert results["sticky"][0] == 0
     assert results["eventual"][0] > 0, "the setup does not lag: the test proves nothing"
 
@@ -156,17 +163,15 @@ async def test_untrusted_tokens(
         started = time.monotonic()
         for _ in range(40):
             async with mgr.session(token, client="10.0.0.7"):
-                served.append(
-                    (
-                        time.monotonic() - started,
-                        await mgr.scalar(Author.select(fn.inet_server_port())),
-                    )
-                )
+                rows = await mgr.execute_sql("SELECT inet_server_port()")
+                served.append((time.monotonic() - started, rows[0][0] if rows else None))
             await asyncio.sleep(0.02)
         # Nothing raised; the log says so once, not per request.
         assert caplog.text.count("10.0.0.7") <= 1
         if token and token != "FFFFFFFF/FFFFFFFF":
             assert caplog.text.count("malformed") == 1 or token == ""
-        # Within one health interval (+ a probe), reads are back on the replicas.
-        late = [port for at, port in served if at > 2 * mgr.health_interval + mgr.health_timeout]
-        assert late and set(late) <= replicas, served
+        # The stated bound: the absurd token is vetted against the primary's position on the
+        # session's first read, so not one read of that client goes to the primary.
+        assert {port for _, port in served} <= replicas, served
+        if token == "FFFFFFFF/FFFFFFFF":
+            assert caplog.text.count("clamped") == 1

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -332,15 +335,19 @@ def test_proxy_blackhole_and_heal(topo: LocalTopology) -> None:
     try:
         topo.blackhole("replica-2")
         try:
+            pending = victim.cursor()
+            pending.execute("SELECT 7")
             with pytest.raises(TimeoutError):
-                query_within(victim, "SELECT 1", 0.5)
+                _poll_conn(victim, time.monotonic() + 0.5)
             with pytest.raises(TimeoutError):
                 connect_within(topo.dsn("replica-2"), 0.5).close()
             # The server itself is fine; only the path through the proxy is cut off.
             assert sql(topo.direct_dsn("replica-2"), "SELECT 1") == [(1,)]
         finally:
             topo.heal("replica-2")
-        # Nothing was lost: the connection that kept quiet goes on.
+        # Nothing was lost: the held query is answered, the idle connection goes on.
+        _poll_conn(victim, time.monotonic() + 5)
+        assert pending.fetchall() == [(7,)]
         assert query_within(before, "SELECT 42", 5) == [(42,)]
     finally:
         before.close()
@@ -485,3 +492,41 @@ def test_root_only_binaries_are_relocated() -> None:
         assert not directory.exists()
     finally:
         shutil.rmtree(private, ignore_errors=True)
+
+
+_FORGOTTEN = """
+import gc, json, os, sys
+from areplica.testing.topology import LocalTopology
+
+collected = LocalTopology(replicas=0)
+collected.start()
+first = {"dir": str(collected.directory), "pids": collected.pids("primary")}
+del collected
+gc.collect()
+first["gone_after_gc"] = not os.path.exists(first["dir"])
+forgotten = LocalTopology(replicas=0)
+forgotten.start()
+second = {"dir": str(forgotten.directory), "pids": forgotten.pids("primary")}
+print(json.dumps([first, second]), flush=True)
+sys.exit(0)  # never closed: the atexit backstop must clean up
+"""
+
+
+def test_forgotten_topologies_are_cleaned_up() -> None:
+    """Garbage collection and interpreter exit stop the servers and remove the directory."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    done = subprocess.run(
+        [sys.executable, "-c", _FORGOTTEN],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    first, second = json.loads(done.stdout.strip().splitlines()[-1])
+    assert first["gone_after_gc"]
+    for started in (first, second):
+        assert started["pids"]
+        assert not any(alive(p) for p in started["pids"])
+        assert not Path(started["dir"]).exists()

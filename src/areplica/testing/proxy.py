@@ -34,12 +34,13 @@ class _Link:
 
     def __init__(
         self, proxy: FaultProxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ):
+    ) -> None:
         self.proxy = proxy
         self.client_reader = reader
         self.client_writer = writer
         self.upstream_writer: asyncio.StreamWriter | None = None
         self.tasks: list[asyncio.Task[None]] = []
+        self.task: asyncio.Task[Any] | None = None  # the one running run()
 
     async def run(self) -> None:
         proxy = self.proxy
@@ -170,7 +171,7 @@ class FaultProxy:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         link = _Link(self, reader, writer)
         self._links.add(link)
-        task = asyncio.current_task()
+        task = link.task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
         try:
@@ -200,6 +201,8 @@ class FaultProxy:
         """Reset every current connection now; new connections are accepted as usual."""
         for link in list(self._links):
             link.abort()
+            if link.upstream_writer is None and link.task is not None:
+                link.task.cancel()  # still waiting for a blackhole to heal: end it too
 
     def heal(self) -> None:
         """Back to plain forwarding: no delay, no blackhole."""
@@ -321,6 +324,16 @@ class ProxyThread:
             return
         proxies = list(self._proxies.values())
         self._proxies.clear()
+        if threading.current_thread() is thread:
+            # Called from the loop itself (e.g. a finalizer run by the garbage collector
+            # there): nothing may be awaited here, so reset everything and stop the loop.
+            for proxy in proxies:
+                proxy.cut()
+                if proxy._server is not None:
+                    proxy._server.close()
+            loop.stop()
+            self._loop = self._thread = None
+            return
 
         async def stop_all() -> None:
             await asyncio.gather(*(p.stop() for p in proxies), return_exceptions=True)

@@ -756,8 +756,11 @@ class LocalTopology:
         log.debug("topology started in %.2fs in %s", self.startup_seconds, res.tmpdir)
 
     def close(self) -> None:
-        """Stop proxies and servers (immediate shutdown, SIGKILL by pid as a last resort) and
-        remove the temporary directory. Idempotent."""
+        """Stop proxies and servers, and remove the temporary directory. Idempotent.
+
+        Servers get an immediate shutdown (``pg_ctl stop -m immediate``); whatever is left of
+        them then is SIGKILLed by pid.
+        """
         self._finalizer()
 
     # ---------------------------------------------------------------- setup steps
@@ -797,7 +800,11 @@ class LocalTopology:
             "hot_standby": "on",
             "hot_standby_feedback": "on",
             "fsync": "off",
-            "synchronous_commit": "off",
+            # Not "off": an asynchronous commit is acknowledged before its WAL is even written
+            # to the OS, so a SIGKILLed primary loses acknowledged writes, and
+            # pg_current_wal_lsn() (what read-your-writes waits for) lags behind commits.
+            # With fsync off, a synchronous commit costs one write(), no disk flush.
+            "synchronous_commit": "on",
             "full_page_writes": "off",
             "shared_buffers": "32MB",
             "max_connections": "200",
@@ -805,9 +812,6 @@ class LocalTopology:
             "logging_collector": "off",
             # Replicas reconnect quickly to a restarted primary (default: 5s).
             "wal_retrieve_retry_interval": "'200ms'",
-            # With asynchronous commit, WAL reaches the replicas when the WAL writer flushes
-            # it: keep that short (default 200ms, and up to 3 times that).
-            "wal_writer_delay": "'10ms'",
         }
         if self.pg_version >= 13:
             settings["wal_keep_size"] = "'256MB'"
@@ -924,7 +928,6 @@ class LocalTopology:
                 text = _tail(node.log, logged)
                 taken = "Address already in use" in text or "could not bind" in text
                 if first and taken and attempt < _PORT_ATTEMPTS - 1:
-                    self._res.postmaster_pid(node)
                     node.port = _free_port()
                     continue
                 raise RuntimeError(f"{node.name} did not start: {exc}\n--- log:\n{text}") from None
@@ -1152,12 +1155,12 @@ class LocalTopology:
         source = self._node(self._source)
         if self._res.postmaster_pid(source) is None or source.hung:
             raise RuntimeError(f"{source.name} (the primary) is not running")
-        # The insert position (not the write position, which may lag behind asynchronous
-        # commits). Right after a page header it is reported past the header, where no
-        # replay can end: count it from the page start then.
+        # Every commit is written out (synchronous_commit is on), so the write position
+        # covers them all. A position reported just past a page header, where no replay can
+        # end, counts from the page start.
         row = self._query(
             source.name,
-            "SELECT pg_current_wal_insert_lsn() - pg_lsn '0/0',"
+            "SELECT pg_current_wal_lsn() - pg_lsn '0/0',"
             " current_setting('wal_block_size')::int,"
             " current_setting('wal_segment_size', true)",
         )[0]
