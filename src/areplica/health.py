@@ -59,14 +59,18 @@ class ProbeConnection:
     def __init__(self, node: Node) -> None:
         self.node = node
         self._conn: Any = None
+        # check() may probe while the background round does: one probe at a time per
+        # connection, or both would open (and one leak) a connection, or share a cursor.
+        self._lock = asyncio.Lock()
 
     async def probe(self, timeout: float) -> ProbeResult:
         """Probe the node, bounded by ``timeout``; a failure closes the connection."""
-        try:
-            return await asyncio.wait_for(self._probe(timeout), timeout)
-        except BaseException:
-            await self.close()
-            raise
+        async with self._lock:
+            try:
+                return await asyncio.wait_for(self._probe(timeout), timeout)
+            except BaseException:
+                await self.close()
+                raise
 
     async def _probe(self, timeout: float) -> ProbeResult:
         driver = self.node.driver

@@ -98,6 +98,35 @@ def process_state(pid: int) -> str:
     return stat[stat.rfind(")") + 2]
 
 
+def shared_memory(pids: list[int]) -> tuple[set[int], set[str]]:
+    """SysV keys and /dev/shm files the processes have mapped."""
+    keys: set[int] = set()
+    files: set[str] = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                maps = f.read().splitlines()
+        except FileNotFoundError:
+            continue  # a backend that just exited
+        for line in maps:
+            parts = line.split(None, 5)
+            name = parts[5].strip() if len(parts) == 6 else ""
+            if name.startswith("/SYSV"):
+                keys.add(int(name[5:13], 16))
+            elif name.startswith("/dev/shm/PostgreSQL."):
+                files.add(name)
+    return keys, files
+
+
+def existing(files: set[str]) -> set[str]:
+    return {f for f in files if os.path.exists(f)}
+
+
+def sysv_keys() -> set[int]:
+    with open("/proc/sysvipc/shm") as f:
+        return {int(row.split()[0]) & 0xFFFFFFFF for row in list(f)[1:]}
+
+
 def refused(dsn: str) -> bool:
     try:
         sql(dsn, "SELECT 1", timeout=2)
@@ -409,12 +438,19 @@ async def test_async_promote_password_and_close() -> None:
         topology.wait_replicated(timeout=5)  # nothing follows the promoted node
         assert sql(topology.dsn("primary"), "SELECT pg_is_in_recovery()") == [(False,)]
         pids = [p for n in topology.nodes for p in topology.pids(n)]
+        # The old primary is killed and never restarted: close() frees its shared memory.
+        keys, files = shared_memory(topology.pids("primary"))
+        assert keys and files
+        topology.kill("primary")
+        assert existing(files) == files
         directory = topology.directory
         assert directory.is_dir()
         began = time.monotonic()
     closed_in = time.monotonic() - began
     assert not any(alive(p) for p in pids)
     assert not directory.exists()
+    assert existing(files) == set()
+    assert not keys & sysv_keys()
     assert closed_in < 10
     topology.close()  # idempotent
     assert all(topology.pids(n) == [] for n in topology.nodes)

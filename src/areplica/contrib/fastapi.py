@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from http.cookies import SimpleCookie
 from typing import Annotated, Any
 
-from fastapi import Depends
+from fastapi import Depends, Request
 
 from ..manager import ReplicaManager
 from . import COOKIE_MAX_AGE, TOKEN_COOKIE, TOKEN_HEADER
@@ -47,7 +47,7 @@ def lifespan(
     return _lifespan
 
 
-def get_manager(request: Any) -> ReplicaManager:
+def get_manager(request: Request) -> ReplicaManager:
     """A FastAPI dependency returning the app's manager (``Depends(get_manager)``)."""
     manager: ReplicaManager = request.app.state.areplica
     return manager

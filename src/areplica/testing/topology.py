@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import ctypes
 import importlib.util
 import logging
 import os
@@ -341,6 +342,48 @@ def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
         time.sleep(0.002)
 
 
+def _shared_memory(pids: Sequence[int]) -> tuple[set[int], set[str]]:
+    """SysV keys and POSIX (/dev/shm) segment files mapped by ``pids``, from /proc/PID/maps."""
+    keys: set[int] = set()
+    files: set[str] = set()
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            continue
+        for line in maps.splitlines():
+            parts = line.split(None, 5)
+            if len(parts) < 6:
+                continue
+            name = parts[5]
+            if name.startswith("/SYSV"):
+                with contextlib.suppress(ValueError):
+                    keys.add(int(name[5:13], 16))
+            elif name.startswith("/dev/shm/PostgreSQL."):
+                files.add(name.split()[0])
+    return keys, files
+
+
+def _release_shared_memory(keys: set[int], files: set[str]) -> None:
+    """Remove what a killed server left: its unattached SysV segments and its DSM files."""
+    for name in files:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+    if not keys:
+        return
+    try:
+        table = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
+        libc = ctypes.CDLL(None, use_errno=True)
+    except (OSError, AttributeError):
+        return
+    for row in table:
+        fields = row.split()
+        with contextlib.suppress(ValueError, IndexError):
+            key, shmid, nattch = int(fields[0]) & 0xFFFFFFFF, int(fields[1]), int(fields[6])
+            if key in keys and nattch == 0:
+                libc.shmctl(ctypes.c_int(shmid), ctypes.c_int(0), None)  # IPC_RMID
+
+
 # Ports handed out by this process, so two nodes never get the same one from the kernel.
 _ports_lock = threading.Lock()
 _ports_given: set[int] = set()
@@ -386,6 +429,9 @@ class _Node:
     pid: int | None = None  # the last postmaster pid seen
     started: bool = False  # this harness started it at least once
     hung: bool = False
+    # Shared memory a SIGKILLed server left (SysV keys, /dev/shm files): a restart of the
+    # node frees it; close() frees it if the node is still down then.
+    leftovers: tuple[set[int], set[str]] | None = None
 
     @property
     def data(self) -> Path:
@@ -552,6 +598,10 @@ class _Resources:
 
     def _stop_servers(self) -> None:
         running = {n.name: self.pids(n) for n in self.nodes.values() if n.started}
+        for name, pids in running.items():
+            leftovers = self.nodes[name].leftovers
+            if not pids and leftovers is not None:
+                _release_shared_memory(*leftovers)  # killed and never restarted
         running = {name: pids for name, pids in running.items() if pids}
         for pids in running.values():
             _signal(pids, signal.SIGCONT)  # a SIGSTOPped server would never act on SIGQUIT
@@ -1051,6 +1101,7 @@ class LocalTopology:
         """SIGKILL ``node``'s postmaster and its children (only those pids); wait until gone."""
         n = self._node(node)
         pids = self._freeze(n)
+        n.leftovers = _shared_memory(pids)
         _signal(pids[1:], signal.SIGKILL)
         _signal(pids[:1], signal.SIGKILL)
         if not _wait_gone(pids, 10.0):
@@ -1099,6 +1150,7 @@ class LocalTopology:
                 lock.unlink()
                 (self.directory / f".s.PGSQL.{n.port}").unlink(missing_ok=True)
         self._pg_ctl_start(n)
+        n.leftovers = None  # the new postmaster removed what the killed one left
 
     def promote(self, node: str) -> None:
         """``pg_ctl promote`` ``node``; return once ``pg_is_in_recovery()`` is false there.
