@@ -16,11 +16,17 @@ class BaseModel(peewee_async.AioModel):
 class User(BaseModel):
     name = peewee.CharField(unique=True)
 
+    class Meta:
+        table_name = "users"
+
 
 class Post(BaseModel):
     author = peewee.ForeignKeyField(User, backref="posts", on_delete="CASCADE")
     title = peewee.CharField()
     body = peewee.TextField(default="")
+
+    class Meta:
+        table_name = "posts"
 
 
 MODELS = [User, Post]

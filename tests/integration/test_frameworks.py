@@ -33,7 +33,7 @@ def app_db(topology: LocalTopology) -> Iterator[LocalTopology]:
 
     for model in MODELS:
         model._meta.database = database
-    sql_on(topology, "primary", 'TRUNCATE "user", post RESTART IDENTITY CASCADE')
+    sql_on(topology, "primary", "TRUNCATE users, posts RESTART IDENTITY CASCADE")
     topology.wait_replicated()
     topology.set_apply_delay("replica-1", 1000)
     try:
@@ -56,7 +56,7 @@ async def test_fastapi_post_then_get(app_db: LocalTopology, carrier: str) -> Non
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             before = served_by(mgr)
-            for i in range(30):
+            for _ in range(30):
                 r = await client.get("/users")
                 assert r.status_code == 200
                 assert TOKEN_HEADER not in r.headers  # no write: no token

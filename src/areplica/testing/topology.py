@@ -361,7 +361,40 @@ def _shared_memory(pids: Sequence[int]) -> tuple[set[int], set[str]]:
                     keys.add(int(name[5:13], 16))
             elif name.startswith("/dev/shm/PostgreSQL."):
                 files.add(name.split()[0])
+    for name in list(files):
+        files |= _dsm_segments(name)
     return keys, files
+
+
+_DSM_CONTROL_MAGIC = 0x9A503D32
+
+
+def _dsm_segments(control: str) -> set[str]:
+    """Segment files listed in a DSM control segment (also those nobody maps right now).
+
+    The layout is PostgreSQL's ``dsm_control_header``: magic, nitems, maxitems, then items
+    starting with (handle, refcnt); items are 40 bytes since 14, 24 before. Anything that
+    does not add up is ignored.
+    """
+    try:
+        with open(control, "rb") as f:
+            data = f.read()
+    except OSError:
+        return set()
+    if len(data) < 16:
+        return set()
+    magic, nitems, maxitems = struct.unpack_from("=III", data, 0)
+    if magic != _DSM_CONTROL_MAGIC or not 0 < maxitems or nitems > maxitems:
+        return set()
+    item_size = (len(data) - 16) // maxitems
+    if item_size not in (24, 40) or 16 + item_size * maxitems != len(data):
+        return set()
+    found: set[str] = set()
+    for i in range(nitems):
+        handle, refcnt = struct.unpack_from("=II", data, 16 + i * item_size)
+        if refcnt:
+            found.add(f"/dev/shm/PostgreSQL.{handle}")
+    return found
 
 
 def _release_shared_memory(keys: set[int], files: set[str]) -> None:
@@ -470,12 +503,13 @@ class _Runner:
     def as_other_user(self) -> bool:
         return self.uid is not None
 
-    def env(self) -> dict[str, str]:
+    def env(self, password: bool = False) -> dict[str, str]:
+        """Our environment without libpq's PG* variables (and with PGPASSWORD if asked)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env.update(LC_ALL="C", LANG="C")
         if self.as_other_user:
             env["HOME"] = str(self.cwd)
-        if self.password is not None:
+        if password and self.password is not None:
             env["PGPASSWORD"] = self.password
         return env
 
@@ -483,8 +517,8 @@ class _Runner:
         if self.uid is not None and self.gid is not None:
             os.chown(path, self.uid, self.gid)
 
-    def _options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"env": self.env(), "cwd": str(self.cwd)}
+    def _options(self, password: bool = False) -> dict[str, Any]:
+        options: dict[str, Any] = {"env": self.env(password), "cwd": str(self.cwd)}
         if self.uid is not None:
             options.update(user=self.uid, group=self.gid, extra_groups=[])
         return options
@@ -499,8 +533,14 @@ class _Runner:
             **self._options(),
         )
 
-    def run(self, args: Sequence[str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        """Run a program to its end; raise RuntimeError (with its output) when it fails."""
+    def run(
+        self, args: Sequence[str], timeout: float = 120.0, password: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a program to its end; raise RuntimeError (with its output) when it fails.
+
+        ``password``: pass the superuser's password as PGPASSWORD (a client program only;
+        servers started by pg_ctl inherit its environment).
+        """
         try:
             done = subprocess.run(
                 list(args),
@@ -509,7 +549,7 @@ class _Runner:
                 text=True,
                 timeout=timeout,
                 check=False,
-                **self._options(),
+                **self._options(password),
             )
         except subprocess.TimeoutExpired as exc:
             raise RuntimeError(f"{Path(args[0]).name} took more than {timeout}s") from exc
@@ -633,13 +673,20 @@ class _Resources:
                 proc.communicate()
         everything = [pid for pids in running.values() for pid in pids]
         if not _wait_gone(everything, 1.0):
-            # Whatever is left, and only what we started: SIGKILL by pid.
+            # Whatever is left, and only what we started: SIGKILL by pid, then free the
+            # shared memory those servers can no longer free themselves.
+            shared: list[tuple[set[int], set[str]]] = []
             for name in running:
                 left = self.pids(self.nodes[name])
+                if left:
+                    _signal(left[:1], signal.SIGSTOP)
+                    shared.append(_shared_memory(left))
                 _signal(left, signal.SIGKILL)
                 everything.extend(left)
             _signal([p for p in everything if _alive(p)], signal.SIGKILL)
             _wait_gone(everything, 10.0)
+            for keys, files in shared:
+                _release_shared_memory(keys, files)
 
 
 class LocalTopology:
@@ -776,7 +823,7 @@ class LocalTopology:
                 )
             atexit.register(res.cleanup)
             runner = res.runner = _Runner(res.tmpdir)
-            runner.password = self._password  # given to programs as PGPASSWORD, never argv
+            runner.password = self._password  # to pg_basebackup as PGPASSWORD, never in argv
             runner.chown(res.tmpdir)
             if runner.as_other_user and not all(
                 runner.can_run(bin_dir / p) for p in ("postgres", "pg_basebackup")
@@ -845,8 +892,8 @@ class LocalTopology:
             "listen_addresses": _conf_value(HOST),
             "unix_socket_directories": _conf_value(str(self.directory)),
             "wal_level": "replica",
-            "max_wal_senders": "10",
-            "max_replication_slots": "10",
+            "max_wal_senders": str(max(10, self.replicas + 4)),
+            "max_replication_slots": str(max(10, self.replicas + 4)),
             "hot_standby": "on",
             "hot_standby_feedback": "on",
             "fsync": "off",
@@ -947,7 +994,8 @@ class LocalTopology:
                 "fast",
                 "--no-sync",
                 "-w",
-            ]
+            ],
+            password=True,
         )
         self._pg_ctl_start(node, first=True)
 
