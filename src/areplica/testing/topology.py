@@ -852,6 +852,20 @@ class LocalTopology:
         self.startup_seconds = time.monotonic() - began
         log.debug("topology started in %.2fs in %s", self.startup_seconds, res.tmpdir)
 
+    def detach(self) -> Path:
+        """Leave the servers running past this object and the interpreter (``demo --keep``).
+
+        Nothing will stop them or remove their directory (returned) any more: stop each with
+        ``pg_ctl -D DIR/NODE stop`` and remove the directory by hand. Proxies cannot outlive
+        the process, so a topology with proxies cannot be detached.
+        """
+        if self._res.proxies is not None:
+            raise RuntimeError("a topology with proxies cannot be detached")
+        directory = self.directory
+        self._finalizer.detach()
+        atexit.unregister(self._res.cleanup)
+        return directory
+
     def close(self) -> None:
         """Stop proxies and servers, and remove the temporary directory. Idempotent.
 
