@@ -207,7 +207,7 @@ class ReplicaManager:
         weights: Mapping[str, float] | None = None,
         consistency: Consistency = "causal",
         sticky_for: float = 5.0,
-        causal_wait: float = 0.0,
+        causal_wait: float = 0.05,
         max_lag: float | None = 30.0,
         max_lag_bytes: int | None = None,
         health_interval: float = 1.0,
