@@ -48,7 +48,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def demo(session: nox.Session) -> None:
     """The routing demo on a local topology."""
-    session.install("-e", ".[embedded]")
+    session.install("-e", ".[demo]")
     session.run("areplica", "demo", *session.posargs)
 
 

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import importlib.util
 import itertools
 import json
 import random
@@ -115,7 +116,8 @@ def _rich_table(
 async def run_demo(args: argparse.Namespace) -> int:
     """Run the demo; returns 0 when nothing failed, went stale or was lost."""
     out = sys.stdout
-    live = out.isatty()
+    # The live table needs rich (extra "demo"); without it, or off a terminal, plain lines.
+    live = out.isatty() and importlib.util.find_spec("rich") is not None
     print(f"starting a primary and {args.replicas} streaming replicas ...", flush=True)
     topology = LocalTopology(replicas=args.replicas, pg_bin=_pg_bin(args.pg_bin))
     keep = False
@@ -180,7 +182,6 @@ async def _workload(args: argparse.Namespace, topology: LocalTopology, live: boo
         if not live:
             print(f"  * {tally.events[-1]}", flush=True)
 
-    mgr.on_state_change(note_change)
     serial = itertools.count(1)
 
     async def writer() -> None:
@@ -273,6 +274,7 @@ async def _workload(args: argparse.Namespace, topology: LocalTopology, live: boo
                 print(_render_plain(mgr.status(), tally, time.monotonic() - started), flush=True)
 
     async with mgr:
+        mgr.on_state_change(note_change)  # after connect: the initial "down -> up" is noise
         await mgr.drop_tables([Note])
         await mgr.create_tables([Note])
         await asyncio.to_thread(topology.wait_replicated)
