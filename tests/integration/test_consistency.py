@@ -175,3 +175,41 @@ async def test_untrusted_tokens(
         assert {port for _, port in served} <= replicas, served
         if token == "FFFFFFFF/FFFFFFFF":
             assert caplog.text.count("clamped") == 1
+
+
+async def test_max_staleness_per_call(delayed: LocalTopology, ports: dict[str, int]) -> None:
+    """A replica 1 s behind serves plain reads, but none that allow only 0.3 s of staleness."""
+    mgr = make_manager(delayed, consistency="eventual", max_lag=30.0)
+    async with mgr:
+        proxy.initialize(mgr.database)
+        stop = asyncio.Event()
+
+        async def write_load() -> None:
+            while not stop.is_set():
+                await mgr.create(Counter, label="tick")
+                await asyncio.sleep(0.02)
+
+        writer = asyncio.create_task(write_load())
+        try:
+            await wait_lagging(mgr, "replica-1")
+            strict = collections.Counter()
+            loose = collections.Counter()
+            for _ in range(60):
+                rows = await mgr.execute_sql("SELECT inet_server_port()", max_staleness=0.3)
+                strict[rows[0][0] if rows else None] += 1
+                rows = await mgr.execute_sql("SELECT inet_server_port()")
+                loose[rows[0][0] if rows else None] += 1
+        finally:
+            stop.set()
+            await writer
+        assert strict[ports["replica-1"]] == 0, strict
+        assert loose[ports["replica-1"]] > 0, loose
+
+
+async def wait_lagging(mgr: ReplicaManager, name: str) -> None:
+    for _ in range(200):
+        status = {s.name: s for s in mgr.status()}[name]
+        if status.lag_seconds is not None and status.lag_seconds > 0.5:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{name} never showed lag")

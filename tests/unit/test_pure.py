@@ -132,3 +132,20 @@ def test_dsn_masking() -> None:
     assert "secret" not in mask_dsn("host=h password='secret' port=x")
     with pytest.raises(ConfigurationError):
         parse("postgresql://u@h:99999/db")
+
+
+def test_lag_seconds_from_history_and_replay_age() -> None:
+    from areplica import ReplicaManager
+    from areplica.health import HealthMonitor
+
+    monitor = HealthMonitor(ReplicaManager("postgresql://u@127.0.0.1:1/db"))
+    for t, lsn in [(100.0, 1000), (101.0, 2000), (102.0, 3000)]:
+        monitor._history.append((t, lsn))
+    # The primary first passed 1500 at t=101: a replica replayed to 1500 is ~1.5 s behind
+    # at t=102.5, unless its last replayed commit is more recent than that.
+    assert monitor._lag_seconds(1500, replay_age=60.0, now=102.5) == pytest.approx(1.5)
+    assert monitor._lag_seconds(1500, replay_age=0.2, now=102.5) == pytest.approx(0.2)
+    # An idle primary that wrote one record long after its last commit: not an hour of lag.
+    assert monitor._lag_seconds(2999, replay_age=3600.0, now=102.1) == pytest.approx(0.1)
+    # Caught up with everything in the history: no lag.
+    assert monitor._lag_seconds(3000, replay_age=3600.0, now=110.0) == 0.0
