@@ -361,6 +361,7 @@ class HealthMonitor:
             )
             if current is not None:
                 current.role = "replica"
+                current.weight = mgr._weights.get(current.name, 1.0)
             new.role = "primary"
             new.lag_bytes = new.lag_seconds = None
             mgr._primary = new

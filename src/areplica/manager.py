@@ -172,6 +172,7 @@ _OPTION_NAMES = (
     "read_retries",
     "read_timeout",
     "recover_after",
+    "primary_weight",
     "slow_factor",
     "sticky_for",
     "weights",
@@ -218,6 +219,7 @@ class ReplicaManager:
         read_retries: int = 2,
         fallback_to_primary: bool = True,
         slow_factor: float | None = 10.0,
+        primary_weight: float = 0.0,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -279,6 +281,17 @@ class ReplicaManager:
                 f"slow_factor: expected a multiple > 1 or None, got {slow_factor!r}",
                 option="slow_factor",
             )
+
+        if (
+            isinstance(primary_weight, bool)
+            or not isinstance(primary_weight, (int, float))
+            or primary_weight < 0
+        ):
+            raise ConfigurationError(
+                f"primary_weight: expected a weight >= 0, got {primary_weight!r}",
+                option="primary_weight",
+            )
+        self.primary_weight = float(primary_weight)
 
         # Nodes: every primary candidate, then the replicas.
         candidates = [primary] if isinstance(primary, str) else list(primary)
@@ -974,7 +987,12 @@ class ReplicaManager:
     # -- reads
 
     def _eligible(
-        self, exclude: Iterable[Node], max_staleness: float | None, min_lsn: int | None
+        self,
+        exclude: Iterable[Node],
+        max_staleness: float | None,
+        min_lsn: int | None,
+        *,
+        with_primary: bool = True,
     ) -> list[Node]:
         out = []
         for node in self._readers():
@@ -987,6 +1005,17 @@ class ReplicaManager:
             if min_lsn is not None and (node.lsn is None or node.lsn < min_lsn):
                 continue
             out.append(node)
+        primary = self._primary
+        if (
+            with_primary
+            and self.primary_weight > 0
+            and primary is not None
+            and primary.state == "up"
+            and primary not in exclude
+        ):
+            # The primary as one more reader (always caught up), at its own weight.
+            primary.weight = self.primary_weight
+            out.append(primary)
         return out
 
     def _read_target(
@@ -1015,7 +1044,7 @@ class ReplicaManager:
                         return self._readable_primary()
             else:
                 min_lsn = session.lsn
-        eligible = self._eligible(exclude, max_staleness, min_lsn)
+        eligible = self._eligible(exclude, max_staleness, min_lsn, with_primary=route is None)
         if eligible:
             return self._policy(eligible)  # type: ignore[no-any-return]
         if min_lsn is not None and self.causal_wait > 0:

@@ -77,3 +77,18 @@ async def test_least_busy_avoids_the_busy_replica(
         )
         seen = collections.Counter(rows[0][0] for rows in burst if rows)
         assert 15 <= seen[ports["replica-1"]] <= 25 and 15 <= seen[ports["replica-2"]] <= 25, seen
+
+
+async def test_primary_weight_makes_the_primary_a_reader(
+    topology: LocalTopology, schema: None, ports: dict[str, int]
+) -> None:
+    seen = await spread(topology, 300, primary_weight=1.0)
+    for name in ("primary", "replica-1", "replica-2"):
+        assert 85 <= seen[ports[name]] <= 115, seen
+    # Not inside replica(): that scope never reads from the primary.
+    mgr = make_manager(topology, primary_weight=5.0)
+    async with mgr:
+        async with mgr.replica():
+            for _ in range(20):
+                rows = await mgr.execute_sql("SELECT inet_server_port()")
+                assert rows is not None and rows[0][0] != ports["primary"]
