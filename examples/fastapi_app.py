@@ -2,7 +2,7 @@
 
 Run it (with a primary and replicas reachable through AREPLICA_PRIMARY/AREPLICA_REPLICAS):
 
-    uvicorn examples.fastapi_app:app
+    uvicorn --factory examples.fastapi_app:app_from_env
 
 Writes go to the primary; reads go to replicas; a client that wrote sends back the token it
 got (header or cookie) and its next read is served by a replica that has its write.
@@ -75,11 +75,12 @@ def create_app(mgr: ReplicaManager) -> FastAPI:
     return app
 
 
-def _app_from_env() -> FastAPI:
+def app_from_env() -> FastAPI:
+    """The app over ``ReplicaManager.from_env()`` (for ``uvicorn --factory``)."""
     return create_app(ReplicaManager.from_env())
 
 
 if __name__ == "__main__":  # pragma: no cover
     import uvicorn
 
-    uvicorn.run(_app_from_env(), port=8000)
+    uvicorn.run(app_from_env(), port=8000)
