@@ -69,8 +69,6 @@ class Driver:
     is_closed: Callable[[Any], bool]
     is_idle: Callable[[Any], bool]
     disconnect_errors: tuple[type[BaseException], ...]
-    #: Queue a Sync in a pipeline without waiting (psycopg 3); None: no pipeline mode.
-    pipeline_sync: Callable[[Any], None] | None = None
 
     def is_disconnect(self, exc: BaseException) -> bool:
         """True when ``exc`` means the connection or its server is gone (retry a read)."""
@@ -129,19 +127,6 @@ def _aiopg_driver() -> Driver:
     )
 
 
-def _pipeline_cls() -> Any:
-    from psycopg import AsyncPipeline
-
-    return AsyncPipeline
-
-
-def _queue_sync(pipeline: Any) -> None:
-    # psycopg has no public "Sync without waiting"; AsyncPipeline.sync() waits for results,
-    # which would cost the round trip this saves. The private call is feature-checked at
-    # import (hasattr above); without it writes take two round trips, still correct.
-    pipeline._enqueue_sync()
-
-
 def _psycopg_driver() -> Driver:
     import psycopg
     import psycopg.pq
@@ -168,7 +153,6 @@ def _psycopg_driver() -> Driver:
         is_closed=lambda conn: bool(conn.closed or conn.broken),
         is_idle=is_idle,
         disconnect_errors=(psycopg.OperationalError, psycopg.InterfaceError),
-        pipeline_sync=_queue_sync if hasattr(_pipeline_cls(), "_enqueue_sync") else None,
     )
 
 

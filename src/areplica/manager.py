@@ -950,16 +950,17 @@ class ReplicaManager:
         try:
             with peewee.__exception_wrapper__:  # type: ignore[attr-defined]
                 lsn = None
-                if self.consistency == "causal" and self._driver.pipeline_sync is not None:
-                    result, lsn = await self._write_pipelined(conn, sql, params, fetch)
-                else:
-                    async with conn.cursor() as cursor:
-                        await cursor.execute(sql, params or ())
-                        result = await fetch(self.database, cursor) if fetch else None
-                        if self.consistency == "causal":
-                            await cursor.execute(WAL_POSITION_SQL)
-                            row = await cursor.fetchone()
-                            lsn = token_position(parse_lsn(row[0]))
+                async with conn.cursor() as cursor:
+                    await cursor.execute(sql, params or ())
+                    result = await fetch(self.database, cursor) if fetch else None
+                    if self.consistency == "causal":
+                        # A second statement, after the write's own (autocommit) transaction
+                        # ended: the position then covers its commit record. psycopg's
+                        # pipeline mode could send both at once but was measured slower here
+                        # (see benchmarks/README.md), so both drivers do this.
+                        await cursor.execute(WAL_POSITION_SQL)
+                        row = await cursor.fetchone()
+                        lsn = token_position(parse_lsn(row[0]))
             discard = False
             node.writes += 1
             self._note_write(lsn)
@@ -979,28 +980,6 @@ class ReplicaManager:
         finally:
             node.done()
             await asyncio.shield(node.pool.release(conn, discard=discard))
-
-    async def _write_pipelined(
-        self, conn: Any, sql: str, params: Sequence[Any] | None, fetch: FetchResults | None
-    ) -> tuple[Any, int]:
-        """psycopg 3: a write and its WAL position in one network round trip.
-
-        In pipeline mode every statement up to a Sync runs in ONE implicit transaction, so
-        the position must come after a Sync of its own: read inside the write's transaction
-        it would precede the commit record, and a replica at that position could still miss
-        the write (a test caught exactly that). write, Sync, position, Sync are flushed
-        together and answered together.
-        """
-        assert self._driver.pipeline_sync is not None
-        async with conn.pipeline() as pipeline:
-            async with conn.cursor() as cursor, conn.cursor() as position:
-                await cursor.execute(sql, params or ())
-                self._driver.pipeline_sync(pipeline)
-                await position.execute(WAL_POSITION_SQL)
-                await pipeline.sync()
-                result = await fetch(self.database, cursor) if fetch else None
-                row = await position.fetchone()
-        return result, token_position(parse_lsn(row[0]))
 
     async def _after_write_bound(self, binding: _Binding) -> None:
         if self.consistency != "causal":
