@@ -694,9 +694,7 @@ class ReplicaManager:
             if token is not None:
                 binding.active = False
                 _BOUND.reset(token)
-                await asyncio.shield(
-                    binding.node.pool.release(binding.conn, discard=binding.broken)
-                )
+                await binding.node.pool.release(binding.conn, discard=binding.broken)
             else:
                 binding.transaction = False
                 binding.wrote = False
@@ -727,7 +725,7 @@ class ReplicaManager:
         finally:
             binding.active = False
             _BOUND.reset(token)
-            await asyncio.shield(node.pool.release(conn, discard=binding.broken))
+            await node.pool.release(conn, discard=binding.broken)
 
     # ------------------------------------------------------------------ consistency sessions
 
@@ -979,7 +977,7 @@ class ReplicaManager:
             raise
         finally:
             node.done()
-            await asyncio.shield(node.pool.release(conn, discard=discard))
+            await node.pool.release(conn, discard=discard)
 
     async def _after_write_bound(self, binding: _Binding) -> None:
         if self.consistency != "causal":
@@ -1130,7 +1128,7 @@ class ReplicaManager:
         """Poll the replicas' replay positions until one reaches ``lsn`` or ``causal_wait``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.causal_wait
-        delay = 0.005
+        delay = 0.001  # replication on a LAN takes about a millisecond: look again soon
         while True:
             positions = await asyncio.gather(
                 *(self._replay_position(node) for node in nodes), return_exceptions=True
@@ -1186,7 +1184,7 @@ class ReplicaManager:
         finally:
             node.done()
             if conn is not None:
-                await asyncio.shield(pool.release(conn, discard=discard))
+                await pool.release(conn, discard=discard)
 
     def _connection_failed(self, node: Node, exc: BaseException) -> None:
         """Passive detection: a connection-level failure takes the node down at once."""

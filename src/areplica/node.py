@@ -13,7 +13,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -102,10 +102,16 @@ class NodePool:
             self._slots.release()
             raise
 
-    async def release(self, conn: Any, *, discard: bool = False) -> None:
-        """Give a connection back; a broken, busy or discarded one is closed instead."""
+    def put_back(self, conn: Any, *, discard: bool = False) -> Coroutine[Any, Any, None] | None:
+        """Give a connection back without awaiting; returns the close to await, if any.
+
+        A healthy connection goes back to the idle queue and its slot is freed at once, so
+        the hot path needs no task (``asyncio.shield`` of a coroutine creates one, two event
+        loop passes per query). A broken, busy or discarded connection must be closed: the
+        caller awaits (and shields) the returned coroutine.
+        """
         if conn not in self._in_use:
-            return
+            return None
         self._in_use.discard(conn)
         self._slots.release()
         if (
@@ -114,10 +120,19 @@ class NodePool:
             or self._driver.is_closed(conn)
             or not self._driver.is_idle(conn)
         ):
-            with contextlib.suppress(Exception):
-                await self._driver.close(conn)
-            return
+            return self._close_quietly(conn)
         self._idle.append(conn)
+        return None
+
+    async def _close_quietly(self, conn: Any) -> None:
+        with contextlib.suppress(Exception):
+            await self._driver.close(conn)
+
+    async def release(self, conn: Any, *, discard: bool = False) -> None:
+        """Give a connection back; a broken, busy or discarded one is closed instead."""
+        closing = self.put_back(conn, discard=discard)
+        if closing is not None:
+            await asyncio.shield(closing)
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Any]:
@@ -128,7 +143,7 @@ class NodePool:
             yield conn
             discard = False
         finally:
-            await asyncio.shield(self.release(conn, discard=discard))
+            await self.release(conn, discard=discard)
 
     async def close(self) -> None:
         """Close idle connections now and in-use ones (they are closed, not returned)."""

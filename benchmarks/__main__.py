@@ -1,0 +1,148 @@
+"""``python -m benchmarks [--quick] [--only 1,3]``: run the scenarios, write and print results.
+
+Everything started is stopped and removed at the end, also on an exception, Ctrl-C or
+SIGTERM: topologies are closed, Pgpool-II is stopped by its pid, temporary folders go.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from areplica.testing import LocalTopology
+
+from . import report, s1_overhead, s2_scaling, s3_pgpool, s4_faults, s5_consistency
+from .common import Context, Settings, create_schema, machine_info
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+Scenario = Callable[[Context], Awaitable[dict[str, Any]]]
+SCENARIOS: list[tuple[str, str, Scenario]] = [
+    ("1_overhead", "1. Routing overhead (and 6. drivers)", s1_overhead.run),
+    ("2_scaling", "2. Read scaling", s2_scaling.run),
+    ("3_pgpool", "3. Pgpool-II peer", s3_pgpool.run),
+    ("4_faults", "4. Faults", s4_faults.run),
+    ("5_consistency", "5. Consistency cost (and 6. drivers)", s5_consistency.run),
+]
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _clean(value: Any) -> Any:
+    """NaN and infinities become null: the JSON file stays standard JSON."""
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+async def run_all(settings: Settings, only: set[str], log: _Log) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "meta": {
+            "quick": settings.quick,
+            "settings": dict(vars(settings)),
+            "loadavg_before": list(os.getloadavg()),
+        },
+        "scenarios": {},
+    }
+    topo = LocalTopology(replicas=2)
+    try:
+        log("starting a primary and 2 streaming replicas")
+        await asyncio.to_thread(topo.start)
+        await asyncio.to_thread(create_schema, topo)
+        results["machine"] = await asyncio.to_thread(machine_info, topo)
+        ctx = Context(settings=settings, topology=topo, log=log)
+        for key, title, scenario in SCENARIOS:
+            if only and key.split("_", 1)[0] not in only:
+                continue
+            log(title)
+            began = time.monotonic()
+            await asyncio.to_thread(topo.wait_replicated, 60)
+            try:
+                data = await scenario(ctx)
+            except Exception as exc:
+                log(f"  failed: {type(exc).__name__}: {exc}")
+                data = {
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "traceback": traceback.format_exc(),
+                }
+            data["scenario_seconds"] = round(time.monotonic() - began, 1)
+            results["scenarios"][key] = data
+            log(f"  done in {data['scenario_seconds']} s")
+    finally:
+        topo.close()  # blocking on purpose: it must run even when the task was cancelled
+    return results
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="about a minute: shorter rounds")
+    parser.add_argument(
+        "--only", default="", help="comma-separated scenario numbers, e.g. 1,3 (default: all)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help=f"results folder (default: {RESULTS})"
+    )
+    args = parser.parse_args(argv)
+    only = {part.strip() for part in args.only.split(",") if part.strip()}
+    settings = Settings.quick_pass() if args.quick else Settings.full()
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("areplica").setLevel(logging.CRITICAL)
+    warnings.simplefilter("ignore")
+    signal.signal(signal.SIGTERM, _interrupt)
+    log = _Log()
+    began = time.monotonic()
+    try:
+        results = asyncio.run(run_all(settings, only, log))
+    except KeyboardInterrupt:
+        print("interrupted: everything started was stopped and removed", file=sys.stderr)
+        return 130
+    results["meta"]["seconds"] = round(time.monotonic() - began, 1)
+    results["meta"]["loadavg_after"] = list(os.getloadavg())
+    results["meta"]["command"] = "python -m benchmarks" + (" --quick" if args.quick else "")
+    if only:
+        results["meta"]["only"] = sorted(only)
+    results["goals"] = report.goals(results)
+    text = report.markdown(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    _write(args.out / "latest.json", json.dumps(_clean(results), indent=2, default=str) + "\n")
+    _write(args.out / "latest.md", text)
+    print(text)
+    log(f"wrote {args.out / 'latest.json'} and {args.out / 'latest.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
