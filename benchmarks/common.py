@@ -23,10 +23,10 @@ from urllib.parse import urlparse
 
 import peewee
 import peewee_async
-import psycopg2
 
 from areplica import ReplicaManager
 from areplica.testing import LocalTopology
+from areplica.testing._support import run_sql
 
 ROWS = 10_000
 TABLE = "bench_item"
@@ -280,14 +280,7 @@ def rotated(names: Sequence[str], round_index: int) -> list[str]:
 
 def sql_on(dsn: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
     """Run one statement straight on a server (blocking; call through ``to_thread``)."""
-    conn = psycopg2.connect(dsn, connect_timeout=10, application_name="areplica-bench")
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return list(cur.fetchall()) if cur.description else []
-    finally:
-        conn.close()
+    return run_sql(dsn, sql, params, connect_timeout=10, application_name="areplica-bench")
 
 
 def create_schema(topology: LocalTopology) -> None:

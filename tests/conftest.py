@@ -9,10 +9,10 @@ from typing import Any
 
 import peewee
 import peewee_async
-import psycopg2
 import pytest
 
 from areplica import ReplicaManager
+from areplica.testing._support import run_sql
 from areplica.testing.topology import LocalTopology
 
 DRIVERS = ("aiopg", "psycopg")
@@ -54,14 +54,7 @@ MODELS = [Author, Post, Counter]
 
 def sql_on(topology: LocalTopology, node: str, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
     """Run SQL straight on one node (not through areplica): the server's own answer."""
-    conn = psycopg2.connect(topology.direct_dsn(node), connect_timeout=5)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(sql, params or None)
-            return list(cur.fetchall()) if cur.description else []
-    finally:
-        conn.close()
+    return run_sql(topology.direct_dsn(node), sql, params)
 
 
 def client_backends(topology: LocalTopology, node: str) -> int:

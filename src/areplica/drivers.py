@@ -13,26 +13,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import peewee
 import peewee_async
 
 from .errors import ConfigurationError
 
-__all__ = ["DRIVERS", "Connection", "Driver", "get_driver", "sqlstate_of"]
+__all__ = ["DRIVERS", "Driver", "get_driver", "sqlstate_of"]
 
 # SQLSTATEs that mean the connection (or the server behind it) is gone.
 _DISCONNECT_STATES = frozenset({"57P01", "57P02", "57P03", "57P04", "57P05"})
 # A standby cancelled the query because replay needed what it was reading.
 _RECOVERY_CONFLICT_STATES = frozenset({"40001", "40P01"})
 READ_ONLY_TRANSACTION = "25006"
-
-
-class Connection(Protocol):
-    """What areplica needs of a driver connection (both drivers' connections fit)."""
-
-    def cursor(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 def sqlstate_of(exc: BaseException) -> str | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from psycopg2.extensions import make_dsn, parse_dsn
 
@@ -49,12 +48,6 @@ class NodeDSN:
             return int(self.params.get("port", "5432").split(",")[0])
         except ValueError:
             return 5432
-
-    def with_options(self, **options: Any) -> NodeDSN:
-        """A copy with more libpq options set (``connect_timeout``, ``application_name``...)."""
-        merged = dict(self.params)
-        merged.update({k: str(v) for k, v in options.items()})
-        return NodeDSN(merged)
 
     def __repr__(self) -> str:
         return f"NodeDSN({self.masked!r})"

@@ -112,7 +112,6 @@ class _Binding:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     active: bool = True
     wrote: bool = False
-    depth: int = 0
     broken: bool = False
 
 
@@ -352,7 +351,6 @@ class ReplicaManager:
         self._monitor: HealthMonitor | None = None
         self._callbacks: list[Callable[[NodeStatus, NodeStatus], Any]] = []
         self._sp_counter = itertools.count(1)
-        self._eligible_cache: tuple[int, list[Node]] | None = None
         self.fallback_reads = 0
         self.retried_reads = 0
         self.caught_up_reads = 0
@@ -1021,7 +1019,11 @@ class ReplicaManager:
         return out
 
     def _read_target(
-        self, route: _Route | None, exclude: set[Node], max_staleness: float | None
+        self,
+        route: _Route | None,
+        exclude: set[Node],
+        max_staleness: float | None,
+        session: _Session | None = None,
     ) -> Node:
         """Pick the node for a read (rules 2, 4 and 5 of DESIGN.md)."""
         if route is not None and route.target == "primary":
@@ -1035,7 +1037,6 @@ class ReplicaManager:
                 )
             return node
         min_lsn = None
-        session = self._session()
         if session is not None and self.consistency != "eventual":
             if self.consistency == "sticky":
                 if (
@@ -1091,7 +1092,7 @@ class ReplicaManager:
             await self._vet_token(session)
         while True:
             try:
-                node = self._read_target(route, tried, max_staleness)
+                node = self._read_target(route, tried, max_staleness, session)
             except _CatchUp as wait:
                 node = await self._catch_up(wait.nodes, wait.lsn) or self._fallback(route)
             try:

@@ -12,11 +12,11 @@ import asyncio
 import collections
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
+from .consistency import format_lsn
 from .drivers import Driver
 from .dsn import NodeDSN
 from .errors import NodeUnavailableError
@@ -230,8 +230,6 @@ class Node:
 
     def status(self) -> NodeStatus:
         """A snapshot, without I/O."""
-        from .consistency import format_lsn
-
         return NodeStatus(
             name=self.name,
             role=self.role,
@@ -259,9 +257,3 @@ class Node:
         if password:
             text = text.replace(password, "***")
         self.last_error = text[:300]
-        self.last_probe_failed_at = time.monotonic()
-
-
-def updated(status: NodeStatus, **changes: Any) -> NodeStatus:
-    """A copy of a status with some fields changed."""
-    return replace(status, **changes)

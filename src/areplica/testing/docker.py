@@ -23,7 +23,6 @@ Containers left behind by a crashed test run are removed by testcontainers' reap
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib
 import secrets
@@ -31,13 +30,13 @@ import shlex
 import socket
 import time
 from collections.abc import Callable, Sequence
-from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
 import psycopg2
 
 from ..errors import ConfigurationError
+from ._support import TopologyLifecycle, run_sql
 from .topology import _segment_bytes
 
 __all__ = ["DockerTopology", "primary_script", "replica_script", "server_command"]
@@ -127,7 +126,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class DockerTopology:
+class DockerTopology(TopologyLifecycle):
     """A primary and ``replicas`` streaming replicas in containers of ``image``.
 
     ``image`` is an official ``postgres`` image, 13 or newer. Nodes are ``"primary"``,
@@ -181,38 +180,6 @@ class DockerTopology:
         return int(self._query(self._source, "SHOW server_version_num")[0][0]) // 10000
 
     # ---------------------------------------------------------------- life cycle
-
-    def __enter__(self) -> DockerTopology:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> DockerTopology:
-        await self.astart()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def astart(self) -> None:
-        """:meth:`start` in a worker thread, for async code."""
-        await asyncio.to_thread(self.start)
-
-    async def aclose(self) -> None:
-        """:meth:`close` in a worker thread, for async code."""
-        await asyncio.to_thread(self.close)
 
     def start(self) -> None:
         """Start every container; return once every replica is a standby and has replayed."""
@@ -408,14 +375,7 @@ class DockerTopology:
 
     def _query(self, node: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         self._node(node)
-        conn = psycopg2.connect(self.dsn(node), connect_timeout=5)
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(sql, params)
-                return list(cur.fetchall()) if cur.description else []
-        finally:
-            conn.close()
+        return run_sql(self.dsn(node), sql, params)
 
     def _wait_ready(self, node: str, sql: str) -> None:
         """Until ``sql`` answers true over TCP (the image's init server listens on a socket)."""

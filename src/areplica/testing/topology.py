@@ -22,7 +22,6 @@ Every process is stopped by the pid it wrote in its ``postmaster.pid``, never by
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import ctypes
@@ -45,12 +44,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
 import psycopg2
 
+from ._support import TopologyLifecycle, run_sql
 from .proxy import ProxyThread
 
 __all__ = ["LocalTopology", "find_pg_bin", "pg_major_version"]
@@ -689,7 +688,7 @@ class _Resources:
                 _release_shared_memory(keys, files)
 
 
-class LocalTopology:
+class LocalTopology(TopologyLifecycle):
     """A real PostgreSQL primary and ``replicas`` streaming replicas, for tests and demos.
 
     Every server listens on a free port of 127.0.0.1, with its data, socket and log inside
@@ -767,38 +766,6 @@ class LocalTopology:
         return self._res.tmpdir
 
     # ---------------------------------------------------------------- life cycle
-
-    def __enter__(self) -> LocalTopology:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> LocalTopology:
-        await self.astart()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def astart(self) -> None:
-        """:meth:`start` in a worker thread, for async code."""
-        await asyncio.to_thread(self.start)
-
-    async def aclose(self) -> None:
-        """:meth:`close` in a worker thread, for async code."""
-        await asyncio.to_thread(self.close)
 
     def start(self) -> None:
         """Create and start every node; return once every replica streams and has replayed.
@@ -1069,18 +1036,13 @@ class LocalTopology:
         dbname: str | None = None,
         connect_timeout: int = 5,
     ) -> list[tuple[Any, ...]]:
-        conn = psycopg2.connect(
+        return run_sql(
             self._dsn(self._node(node).port, dbname),
+            sql,
+            params,
             connect_timeout=connect_timeout,
             application_name="areplica-topology",
         )
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(sql, params)
-                return list(cur.fetchall()) if cur.description else []
-        finally:
-            conn.close()
 
     @staticmethod
     def _poll(predicate: Any, timeout: float, what: str, interval: float = 0.02) -> None:
