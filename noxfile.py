@@ -1,4 +1,4 @@
-"""Developer sessions: `nox -s tests lint typecheck demo bench soak`."""
+"""Developer sessions: `nox -s tests lint typecheck integration demo bench soak`."""
 
 from __future__ import annotations
 
@@ -28,6 +28,13 @@ def tests_embedded(session: nox.Session) -> None:
         *session.posargs,
         env={"AREPLICA_PG_SOURCE": "embedded"},
     )
+
+
+@nox.session(name="integration", python=["3.10", "3.13"])
+def integration(session: nox.Session) -> None:
+    """The integration and fault tests on the oldest and newest supported Pythons."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", "-m", "integration or faults", *session.posargs)
 
 
 @nox.session

@@ -1,9 +1,16 @@
 """A small aiohttp service on areplica: users and posts; create, list, fetch.
 
-python -m aiohttp.web -P 8080 examples.aiohttp_app:init_app   # with AREPLICA_* set
+Run it from the checkout (``pip install -e '.[examples]'``), with a primary and replicas
+reachable through AREPLICA_PRIMARY / AREPLICA_REPLICAS (README, "Examples"):
+
+    python -m aiohttp.web -H 127.0.0.1 -P 8080 examples.aiohttp_app:init_app
+
+Its tables are created at startup.
 """
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -11,9 +18,9 @@ from areplica import ReplicaManager
 from areplica.contrib.aiohttp import AREPLICA, setup
 
 try:
-    from .models import Post, User, bind
+    from .models import Post, User, bind, create_tables
 except ImportError:  # run as a script
-    from models import Post, User, bind  # type: ignore[no-redef]
+    from models import Post, User, bind, create_tables  # type: ignore[no-redef]
 
 routes = web.RouteTableDef()
 
@@ -62,10 +69,16 @@ async def list_posts(request: web.Request) -> web.Response:
 
 
 def create_app(mgr: ReplicaManager) -> web.Application:
-    """The app, bound to ``mgr`` (opened and closed with the app)."""
+    """The app, bound to ``mgr`` (opened and closed with the app, tables created at startup)."""
     bind(mgr.database)
     app = web.Application()
-    setup(app, mgr)
+    setup(app, mgr)  # a cleanup_ctx: the manager is open for the contexts after it
+
+    async def tables(app: web.Application) -> AsyncIterator[None]:
+        await create_tables(app[AREPLICA])
+        yield
+
+    app.cleanup_ctx.append(tables)
     app.add_routes(routes)
     return app
 

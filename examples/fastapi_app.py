@@ -1,15 +1,19 @@
 """A small FastAPI service on areplica: users and posts; create, list, fetch.
 
-Run it (with a primary and replicas reachable through AREPLICA_PRIMARY/AREPLICA_REPLICAS):
+Run it from the checkout (``pip install -e '.[examples]'``), with a primary and replicas
+reachable through AREPLICA_PRIMARY / AREPLICA_REPLICAS (README, "Examples"):
 
     uvicorn --factory examples.fastapi_app:app_from_env
 
-Writes go to the primary; reads go to replicas; a client that wrote sends back the token it
-got (header or cookie) and its next read is served by a replica that has its write.
+Its tables are created at startup. Writes go to the primary; reads go to replicas; a client
+that wrote sends back the token it got (header or cookie) and its next read is served by a
+replica that has its write.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, HTTPException
@@ -19,9 +23,9 @@ from areplica import ReplicaManager
 from areplica.contrib.fastapi import AreplicaMiddleware, Manager, lifespan
 
 try:
-    from .models import MODELS, Post, User, bind
+    from .models import MODELS, Post, User, bind, create_tables
 except ImportError:  # run as a script
-    from models import MODELS, Post, User, bind  # type: ignore[no-redef]
+    from models import MODELS, Post, User, bind, create_tables  # type: ignore[no-redef]
 
 
 class NewUser(BaseModel):
@@ -34,9 +38,16 @@ class NewPost(BaseModel):
 
 
 def create_app(mgr: ReplicaManager) -> FastAPI:
-    """The app, bound to ``mgr`` (connected by the app's lifespan)."""
+    """The app, bound to ``mgr`` (connected, and its tables created, by the app's lifespan)."""
     bind(mgr.database)
-    app = FastAPI(lifespan=lifespan(mgr))
+
+    @contextlib.asynccontextmanager
+    async def startup(app: FastAPI) -> AsyncIterator[None]:
+        async with lifespan(mgr)(app):  # connects the manager, closes it at shutdown
+            await create_tables(mgr)
+            yield
+
+    app = FastAPI(lifespan=startup)
     app.add_middleware(AreplicaMiddleware, manager=mgr)
 
     @app.post("/users", status_code=201)
@@ -83,4 +94,4 @@ def app_from_env() -> FastAPI:
 if __name__ == "__main__":  # pragma: no cover
     import uvicorn
 
-    uvicorn.run(app_from_env(), port=8000)
+    uvicorn.run(app_from_env(), host="127.0.0.1", port=8000)

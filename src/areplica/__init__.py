@@ -8,7 +8,9 @@ from .errors import (
     NodeUnavailableError,
     NoPrimaryError,
     NoReplicaAvailableError,
+    PoolTimeoutError,
     ReadOnlyScopeError,
+    ReadTimeoutError,
     TopologyError,
 )
 from .manager import ReplicaManager
@@ -25,7 +27,9 @@ __all__ = [
     "NoReplicaAvailableError",
     "NodeStatus",
     "NodeUnavailableError",
+    "PoolTimeoutError",
     "ReadOnlyScopeError",
+    "ReadTimeoutError",
     "ReplicaManager",
     "TopologyError",
     "__version__",

@@ -1,4 +1,4 @@
-"""The ``areplica`` command: ``demo`` (a local topology under load) and ``status``."""
+"""The areplica command: demo (a local topology under load), status, down."""
 
 from __future__ import annotations
 
@@ -13,19 +13,44 @@ from typing import Any
 
 __all__ = ["main"]
 
+_DESCRIPTION = (
+    "Replica-aware routing for peewee-async on PostgreSQL streaming replication. "
+    "'areplica demo' starts a local primary and replicas and runs a workload with faults; "
+    "'areplica status' probes the nodes of a topology; 'areplica down DIR' stops and removes "
+    "a topology left running by 'areplica demo --keep'."
+)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("areplica")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from . import __version__
+
+        return __version__
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="areplica", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="areplica", description=_DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser(
-        "demo", help="start a local primary + replicas, run a workload, inject faults"
+        "demo",
+        help="start a local primary + replicas, run a workload, inject faults",
+        description="Start a local primary and streaming replicas, run writers and readers "
+        "through areplica while a replica is killed and another lags, and print where every "
+        "read went. Everything is stopped and removed at the end (unless --keep).",
     )
     demo.add_argument("--replicas", type=int, default=2, help="streaming replicas (default 2)")
     demo.add_argument("--duration", type=float, default=30.0, help="seconds of load (default 30)")
     demo.add_argument("--no-faults", action="store_true", help="no kill, no lag: routing only")
     demo.add_argument("--driver", choices=("aiopg", "psycopg"), default="aiopg")
     demo.add_argument(
-        "--keep", action="store_true", help="leave the topology running and print its DSNs"
+        "--keep",
+        action="store_true",
+        help="leave the topology running, print its DSNs (stop it with: areplica down DIR)",
     )
     demo.add_argument(
         "--pg-bin",
@@ -34,18 +59,33 @@ def _parser() -> argparse.ArgumentParser:
         "first found as LocalTopology documents)",
     )
     demo.add_argument("-v", "--verbose", action="store_true", help="areplica's log lines too")
-    status = sub.add_parser("status", help="probe a topology: role, state, lag, latency")
+    status = sub.add_parser(
+        "status",
+        help="probe a topology: role, state, lag, latency",
+        description="Probe every node once and print a table; the exit status is 0 only "
+        "when every node is up and in the expected role.",
+    )
     status.add_argument(
         "dsns", nargs="*", help="primary DSN first, then replicas (default: AREPLICA_* vars)"
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--timeout", type=float, default=3.0, help="seconds per probe")
     status.add_argument("--max-lag", type=float, default=30.0, help="seconds before 'lagging'")
+    down = sub.add_parser(
+        "down",
+        help="stop and remove a topology kept by 'areplica demo --keep'",
+        description="Stop every server of a kept topology (by the pid in each node's "
+        "postmaster.pid) and remove its directory.",
+    )
+    down.add_argument("directory", metavar="DIR", help="the directory 'demo --keep' printed")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``areplica`` command; returns the exit status."""
+    from .errors import ConfigurationError
+    from .testing.topology import SetupError
+
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if getattr(args, "verbose", False) else logging.ERROR,
@@ -56,23 +96,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             return asyncio.run(run_demo(args))
+        if args.command == "down":
+            return _down(args)
         return asyncio.run(_status(args))
+    except (SetupError, ConfigurationError) as exc:
+        # Something to fix on this machine or in the input: the message says what.
+        print(f"areplica {args.command}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: everything started was stopped and removed", file=sys.stderr)
         return 130
 
 
+def _down(args: argparse.Namespace) -> int:
+    from .testing.topology import remove_detached
+
+    stopped = remove_detached(args.directory)
+    print(f"stopped {', '.join(stopped) or 'nothing (no server was running)'}")
+    print(f"removed {args.directory}")
+    return 0
+
+
 async def _status(args: argparse.Namespace) -> int:
     from .drivers import get_driver
-    from .dsn import parse
+    from .dsn import parse, split_dsns
     from .health import ProbeResult, probe
-    from .manager import _split_dsns
     from .node import Node
 
     dsns = list(args.dsns)
     if not dsns:
-        dsns = _split_dsns(os.environ.get("AREPLICA_PRIMARY", ""))
-        dsns += _split_dsns(os.environ.get("AREPLICA_REPLICAS", ""))
+        dsns = split_dsns(os.environ.get("AREPLICA_PRIMARY", ""))
+        dsns += split_dsns(os.environ.get("AREPLICA_REPLICAS", ""))
     if not dsns:
         print(
             "areplica status: give DSNs or set AREPLICA_PRIMARY/AREPLICA_REPLICAS", file=sys.stderr
@@ -124,11 +178,38 @@ async def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"healthy": healthy, "nodes": rows}, indent=2))
     else:
-        for row in rows:
-            print(
-                f"{row['name']:<11} {row['role'] or '-':<8} {row['state']:<8} "
-                f"lag={row.get('lag_bytes')}B/{row.get('lag_seconds')}s "
-                f"latency={row.get('latency_ms')}ms  {row['dsn']}"
-                + (f"  {row['error']}" if "error" in row else "")
-            )
+        print(_table(rows))
     return 0 if healthy else 1
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    """``status`` rows as an aligned text table with a header; ``-`` for what is unknown."""
+    header = ["NAME", "ROLE", "STATE", "LAG", "LATENCY", "DSN"]
+    errors = any(row.get("error") for row in rows)
+    if errors:
+        header.append("ERROR")
+    lines = [header]
+    for row in rows:
+        lag_bytes, lag_seconds = row.get("lag_bytes"), row.get("lag_seconds")
+        lag = "-"
+        if lag_bytes is not None:
+            lag = f"{lag_bytes}B" + (f" {lag_seconds:.2f}s" if lag_seconds is not None else "")
+        latency = row.get("latency_ms")
+        cells = [
+            row["name"],
+            row.get("role") or "-",
+            row["state"],
+            lag,
+            "-" if latency is None else f"{latency:.2f}ms",
+            row["dsn"],
+        ]
+        if errors:
+            cells.append(" ".join(str(row.get("error") or "-").split()))
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line[:-1], widths, strict=True))
+        + "  "
+        + line[-1]
+        for line in lines
+    )

@@ -5,35 +5,206 @@ manager: ``query.aio_execute()``, ``Model.aio_get()``, ``aio_get_or_create()`` (
 ``aio_atomic()`` is the manager's), ``aio_create_table()`` and so on. The object also
 compiles SQL for the manager (``get_sql_context``), with the driver's dialect.
 
+It behaves as a plain peewee-async 2.1 database on the primary would (the README's
+"Migrating from peewee-async" lists the few differences):
+
+- lazy connect: the first query, ``aio_connection()`` or transaction on a manager that was
+  never opened connects it; after ``aio_close()`` every use raises ``DatabaseClosedError``
+  until ``aio_connect()`` reopens it;
+- ``aio_transaction()`` inside a transaction raises ``peewee.OperationalError("Transaction
+  already opened")``; ``aio_begin()`` / ``aio_savepoint()`` work inside ``aio_connection()``
+  (on the primary) and raise peewee-async's ``OperationalError`` outside it;
+- every query is logged as ``(sql, params)`` at DEBUG on the ``peewee.async`` logger;
+- sync queries under ``allow_sync()`` go to the primary, with its connection parameters, and
+  a sync write advances the causal session like an async one;
+- the catalog reads that decide DDL (``aio_get_tables``, ``aio_table_exists``,
+  ``aio_sequence_exists``) read the primary.
+
 peewee ships no type information: the ``# type: ignore`` comments for it stay in this module
 and ``drivers.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import logging
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Protocol
 
+import peewee
 import peewee_async
 from peewee_async.databases import FetchResults
+from peewee_async.pool import PoolBackend
 
-from .errors import ConfigurationError
+from .consistency import WAL_POSITION_SQL, parse_lsn, token_position
+from .errors import ClosedError, ConfigurationError
+from .routing import QueryKind, classify_sql
 
 if TYPE_CHECKING:
+    from .dsn import NodeDSN
     from .manager import ReplicaManager
 
-__all__ = ["PsycopgRoutingDatabase", "RoutingDatabase", "routing_database_for"]
+__all__ = [
+    "DatabaseClosedError",
+    "PsycopgRoutingDatabase",
+    "RoutedTransaction",
+    "RoutingDatabase",
+    "routing_database_for",
+]
+
+# peewee-async's own SQL logger: ``(sql, params)`` at DEBUG for every query.
+sql_logger = logging.getLogger("peewee.async")
+
+_NOT_IN_CONNECTION = "This method can only be called within the aio_connection context manager"
+_TRANSACTION_OPENED = "Transaction already opened"
+
+# The routing databases whose aio_connection() / aio_atomic() / aio_transaction() block the
+# current task is inside (peewee-async's ``connection_context``, kept per database and reset
+# with its token: never shared with plain peewee-async databases).
+_IN_CONNECTION: ContextVar[frozenset[int]] = ContextVar(
+    "areplica_in_connection", default=frozenset()
+)
+
+
+class DatabaseClosedError(ClosedError, RuntimeError):
+    """``mgr.database`` was used after ``aio_close()`` (or the manager's ``close()``).
+
+    A ``ClosedError`` and so a ``peewee.OperationalError`` (what peewee-async raises for a
+    query on a closed psycopg pool), and also a ``RuntimeError`` (what it raises for one on
+    a closed aiopg pool): handlers written for either keep catching it.
+    """
+
+
+class _TestCase(Protocol):
+    """What the database asks an active ``areplica.testing.TransactionTestCase``."""
+
+    def is_root(self, binding: Any) -> bool:
+        """True when ``binding`` is the test's transaction and no user transaction is open."""
+
+    def in_user_block(self) -> bool:
+        """True inside a user transaction or connection block of the test."""
+
+    def manual_begun(self, delta: int) -> None:
+        """A manual ``aio_begin()`` turned into a savepoint started (+1) or ended (-1)."""
+
+
+class _ManagerPoolBackend(PoolBackend):
+    """``mgr.database`` has no pool of its own: the manager's nodes own the pools.
+
+    peewee-async code that reaches for ``database.pool_backend`` (its
+    ``testing.TransactionTestCase`` does) gets a clear error instead of a pool opened with
+    libpq defaults.
+    """
+
+    def _refuse(self) -> ConfigurationError:
+        return ConfigurationError(
+            "mgr.database has no pool of its own (the manager's nodes do); for tests use "
+            "areplica.testing.TransactionTestCase instead of "
+            "peewee_async.testing.TransactionTestCase",
+            option="pool_backend",
+        )
+
+    def has_acquired_connections(self) -> bool:
+        return False
+
+    async def acquire(self) -> Any:
+        raise self._refuse()
+
+    async def release(self, conn: Any) -> None:
+        raise self._refuse()
+
+    async def create(self) -> None:
+        raise self._refuse()
+
+    async def close(self) -> None:
+        return None
+
+
+async def _no_results(database: Any, cursor: Any) -> None:
+    """peewee-async returns ``None`` for a query without ``fetch_results``: so do we."""
+    return None
+
+
+class RoutedTransaction(peewee_async.Transaction):
+    """What ``mgr.database.aio_begin()`` / ``aio_savepoint()`` return.
+
+    peewee-async's ``Transaction`` (same savepoint names, same ``commit()`` / ``rollback()``,
+    usable as an async context manager), with every statement run through the manager on the
+    pinned primary connection. A commit of a transaction that wrote records the session's
+    causal token, as ``mgr.atomic()`` does.
+    """
+
+    def __init__(
+        self,
+        database: _RoutingMixin,
+        binding: Any,
+        *,
+        is_savepoint: bool,
+        test_case: _TestCase | None = None,
+    ) -> None:
+        super().__init__(binding.conn, is_savepoint=is_savepoint)
+        self._database = database
+        self._binding = binding
+        self._outer_transaction = bool(binding.transaction)
+        self._test_case = test_case  # set: a manual BEGIN turned into a test savepoint
+        self._open = False
+
+    async def execute(self, sql: str) -> None:
+        await self._database._manager._run_bound(self._binding, sql, None, None)
+
+    async def begin(self) -> None:
+        await super().begin()
+        self._open = True
+        if self._test_case is not None:
+            self._test_case.manual_begun(+1)
+        elif not self.is_savepoint:
+            # Nested aio_atomic() blocks become savepoints, aio_transaction() raises.
+            self._binding.transaction = True
+
+    async def commit(self) -> None:
+        try:
+            await super().commit()
+        except BaseException:
+            self._end()  # a failed COMMIT ends the transaction too (PostgreSQL rolls it back)
+            raise
+        if self._end() and self._binding.wrote:
+            await self._database._manager._after_write_bound(self._binding)
+            self._binding.wrote = False
+
+    async def rollback(self) -> None:
+        try:
+            await super().rollback()
+        finally:
+            self._end()
+
+    def _end(self) -> bool:
+        """Close the bookkeeping; True for the end of a real (not savepoint) transaction."""
+        if not self._open:
+            return False
+        self._open = False
+        if self._test_case is not None:
+            self._test_case.manual_begun(-1)
+            return False
+        if self.is_savepoint:
+            return False
+        self._binding.transaction = self._outer_transaction
+        return not self._outer_transaction
 
 
 class _RoutingMixin:
     """Overrides of peewee-async's I/O entry points that hand every query to a manager."""
 
     _manager: ReplicaManager
+    _test_case: _TestCase | None
+    pool_backend_cls = _ManagerPoolBackend
 
     def _bind_manager(self, manager: ReplicaManager) -> None:
         self._manager = manager
+        self._test_case = None
+        self._open_lock: asyncio.Lock | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} of {self._manager.name!r}>"
@@ -43,18 +214,57 @@ class _RoutingMixin:
         """The manager this database routes through."""
         return self._manager
 
+    # ------------------------------------------------------------------ lifecycle
+
     @property
     def is_connected(self) -> bool:
+        """True while the manager is open (peewee-async: while the pool is)."""
         return self._manager.is_open
 
     async def aio_connect(self) -> None:
+        """Open the manager; reopens it after ``aio_close()``. A no-op when open."""
         await self._manager.connect()
 
     async def aio_close(self) -> None:
+        """Close the manager (every pool, the health task) until ``aio_connect()``.
+
+        On a manager that was never opened this does nothing, as peewee-async's does on a
+        pool never created: the next query still connects lazily.
+        """
+        if _never_opened(self._manager):
+            return
         await self._manager.close()
 
+    async def _ensure_open(self) -> None:
+        """Lazy connect (a manager never opened), or ``DatabaseClosedError`` (a closed one)."""
+        manager = self._manager
+        if manager.is_open:
+            return
+        if not _never_opened(manager):
+            raise DatabaseClosedError(
+                f"manager {manager.name!r} is closed: await mgr.database.aio_connect() "
+                "(or mgr.connect()) to reopen it"
+            )
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:  # concurrent first queries connect once
+            if not manager.is_open:
+                if not _never_opened(manager):
+                    raise DatabaseClosedError(f"manager {manager.name!r} was closed meanwhile")
+                await manager.connect()
+
+    # ------------------------------------------------------------------ queries
+
     async def aio_execute(self, query: Any, fetch_results: FetchResults | None = None) -> Any:
-        return await self._manager._execute(query, fetch_results)
+        """Execute a peewee query, routed; returns what peewee-async's ``aio_execute`` does."""
+        manager = self._manager
+        if not manager.is_open:
+            await self._ensure_open()
+        if sql_logger.isEnabledFor(logging.DEBUG):
+            sql_logger.debug(manager._compile(query))
+        # peewee-async's result handling exactly: the query's own fetch_results, else None.
+        fetch = fetch_results or getattr(query, "fetch_results", None) or _no_results
+        return await manager._execute(query, fetch)
 
     async def aio_execute_sql(
         self,
@@ -62,31 +272,192 @@ class _RoutingMixin:
         params: Sequence[Any] | None = None,
         fetch_results: FetchResults | None = None,
     ) -> Any:
-        return await self._manager._execute_sql(sql, params, fetch_results)
+        """Execute raw SQL, routed by the classifier."""
+        manager = self._manager
+        if not manager.is_open:
+            await self._ensure_open()
+        if sql_logger.isEnabledFor(logging.DEBUG):
+            sql_logger.debug((sql, params))
+        return await manager._execute_sql(sql, params, fetch_results)
+
+    async def aio_sequence_exists(self, seq: str) -> bool:
+        """Catalog reads that decide DDL read the primary: never a replica's stale catalog."""
+        async with self._manager.primary():
+            exists: bool = await super().aio_sequence_exists(seq)  # type: ignore[misc]
+        return exists
+
+    async def aio_get_tables(self, schema: str | None = None) -> list[str]:
+        """The primary's tables (``aio_table_exists`` and ``aio_create_table`` use it)."""
+        async with self._manager.primary():
+            tables: list[str] = await super().aio_get_tables(schema)  # type: ignore[misc]
+        return tables
+
+    # ------------------------------------------------------------------ connections, transactions
+
+    def _in_connection(self) -> bool:
+        """True inside an ``aio_connection()`` (or transaction) block of this database."""
+        if id(self) in _IN_CONNECTION.get():
+            return True
+        case = self._test_case
+        if case is not None:
+            return case.in_user_block()
+        return self._manager._binding() is not None  # mgr.atomic() / mgr.transaction()
+
+    @contextlib.contextmanager
+    def _connection_scope(self) -> Iterator[None]:
+        token = _IN_CONNECTION.set(_IN_CONNECTION.get() | {id(self)})
+        try:
+            yield
+        finally:
+            _IN_CONNECTION.reset(token)
+
+    @contextlib.asynccontextmanager
+    async def aio_connection(self) -> AsyncIterator[Any]:
+        """A primary connection pinned for the block (peewee-async's ``aio_connection``).
+
+        Every query inside, read or write, runs on it; nested blocks reuse it. Writes made
+        outside a transaction in the block record the causal token when the block ends.
+        """
+        await self._ensure_open()
+        manager = self._manager
+        owner = manager._binding() is None
+        with self._connection_scope():
+            async with manager._pinned_primary() as conn:
+                if not owner:
+                    yield conn
+                    return
+                binding = manager._binding()
+                try:
+                    yield conn
+                except BaseException:
+                    if binding is not None and binding.wrote and not binding.broken:
+                        with contextlib.suppress(Exception):
+                            await asyncio.shield(self._note_pinned_writes(binding))
+                    raise
+                if binding is not None and binding.wrote:
+                    await self._note_pinned_writes(binding)
+
+    async def _note_pinned_writes(self, binding: Any) -> None:
+        # Autocommit writes on a pinned connection: the token covers them once the block
+        # ends. A transaction still open here is rolled back on release: nothing to cover.
+        if not binding.transaction:
+            await self._manager._after_write_bound(binding)
+            binding.wrote = False
 
     def aio_atomic(self) -> AbstractAsyncContextManager[None]:
-        return self._none_scope(self._manager.atomic())
+        """A transaction on the primary, a savepoint when nested (``mgr.atomic()``)."""
+        return self._atomic()
+
+    @contextlib.asynccontextmanager
+    async def _atomic(self) -> AsyncIterator[None]:
+        await self._ensure_open()
+        with self._connection_scope():
+            async with self._manager.atomic():
+                yield None
 
     def aio_transaction(self) -> AbstractAsyncContextManager[None]:
-        return self._none_scope(self._manager.transaction())
+        """A transaction on the primary; inside another one it raises, as peewee-async does."""
+        return self._transaction()
 
-    def aio_connection(self) -> Any:
-        """A primary connection pinned for the block (peewee-async's ``aio_connection``)."""
-        return self._manager._pinned_primary()
-
-    async def aio_begin(self) -> Any:
-        raise ConfigurationError(
-            "aio_begin()/aio_savepoint() are not routed: use `async with mgr.atomic()`",
-            option="aio_begin",
-        )
-
-    aio_savepoint = aio_begin
-
-    @staticmethod
     @contextlib.asynccontextmanager
-    async def _none_scope(scope: AbstractAsyncContextManager[Any]) -> AsyncIterator[None]:
-        async with scope:
-            yield None
+    async def _transaction(self) -> AsyncIterator[None]:
+        await self._ensure_open()
+        manager = self._manager
+        binding = manager._binding()
+        if binding is not None and binding.transaction:
+            case = self._test_case
+            if case is None or not case.is_root(binding):
+                raise peewee.OperationalError(_TRANSACTION_OPENED)
+        with self._connection_scope():
+            async with manager.transaction():
+                yield None
+
+    async def aio_begin(self) -> RoutedTransaction:
+        """``BEGIN`` on the ``aio_connection()`` block's primary connection."""
+        return await self._aio_begin(use_savepoint=False)
+
+    async def aio_savepoint(self) -> RoutedTransaction:
+        """``SAVEPOINT`` on the ``aio_connection()`` block's primary connection."""
+        return await self._aio_begin(use_savepoint=True)
+
+    async def _aio_begin(self, use_savepoint: bool = False) -> RoutedTransaction:
+        binding = self._manager._binding() if self._in_connection() else None
+        if binding is None:
+            raise peewee.OperationalError(_NOT_IN_CONNECTION)
+        case = self._test_case
+        test_case = case if case is not None and not use_savepoint else None
+        if test_case is not None and not test_case.is_root(binding):
+            test_case = None
+        transaction = RoutedTransaction(
+            self,
+            binding,
+            is_savepoint=use_savepoint or test_case is not None,
+            test_case=test_case,
+        )
+        await transaction.begin()
+        return transaction
+
+    # ------------------------------------------------------------------ sync (allow_sync)
+
+    @property
+    def connect_params(self) -> dict[str, Any]:
+        """The current primary's libpq parameters (the first configured one before connect).
+
+        peewee's sync connections (``allow_sync()``) are opened with these: sync queries go
+        to the primary. A fresh dict on every read.
+        """
+        stored: dict[str, Any] = self.__dict__.setdefault("_connect_params", {})
+        manager = self.__dict__.get("_manager")
+        if manager is None:  # peewee's __init__ / init() fill the stored dict in place
+            return stored
+        return {**stored, **_sync_target(manager).params}
+
+    @connect_params.setter
+    def connect_params(self, value: Mapping[str, Any]) -> None:
+        # peewee's __init__ assigns {} and init() updates it in place: keep that dict.
+        self.__dict__["_connect_params"] = dict(value)
+
+    def execute_sql(self, sql: str, params: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """peewee's sync ``execute_sql`` (``allow_sync()`` only), on the primary.
+
+        A write outside a sync transaction advances the causal session, so the async reads
+        that follow see it.
+        """
+        cursor = super().execute_sql(sql, params, *args, **kwargs)  # type: ignore[misc]
+        if not self.in_transaction() and classify_sql(sql) is QueryKind.WRITE:  # type: ignore[attr-defined]
+            self._note_sync_write()
+        return cursor
+
+    def commit(self) -> None:
+        """peewee's sync ``COMMIT``; records the causal token of what it committed."""
+        super().commit()  # type: ignore[misc]
+        self._note_sync_write()
+
+    def _note_sync_write(self) -> None:
+        manager = self._manager
+        if manager.consistency != "causal":
+            manager._note_write(None)
+            return
+        with peewee.__exception_wrapper__:  # type: ignore[attr-defined]
+            cursor = self.cursor()  # type: ignore[attr-defined]
+            cursor.execute(WAL_POSITION_SQL)
+            row = cursor.fetchone()
+        manager._note_write(token_position(parse_lsn(row[0])))
+
+
+def _never_opened(manager: ReplicaManager) -> bool:
+    """True for a manager that was never connected (peewee-async: no pool created yet)."""
+    return manager._lifecycle.value == "new"
+
+
+def _sync_target(manager: ReplicaManager) -> NodeDSN:
+    """Where sync queries go: the current primary, or the first configured one."""
+    cluster = manager.cluster
+    node = cluster.primary
+    if node is None:  # before connect: the first configured primary, else the first member
+        members = list(cluster)
+        node = next((n for n in members if n.source == "primary"), members[0])
+    return node.dsn
 
 
 class RoutingDatabase(_RoutingMixin, peewee_async.PostgresqlDatabase):

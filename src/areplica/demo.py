@@ -28,6 +28,7 @@ import peewee
 import peewee_async
 from peewee import fn
 
+from .dsn import mask_dsn
 from .manager import ReplicaManager
 from .node import NodeStatus
 from .testing.topology import LocalTopology, _embedded_bin_dir, _has_programs
@@ -131,13 +132,10 @@ async def run_demo(args: argparse.Namespace) -> int:
         if args.keep:
             keep = True
             directory = topology.detach()
-            print("topology left running (--keep):")
+            print(f"topology left running (--keep) in {directory}:")
             for name in topology.nodes:
-                print(f"  {name:<10} {topology.dsn(name)}")
-            print(
-                f"stop it with: pg_ctl -D {directory}/<node> stop (as the server's user), "
-                f"then remove {directory}"
-            )
+                print(f"  {name:<10} {mask_dsn(topology.dsn(name))}")
+            print(f"stop it with: areplica down {directory}", flush=True)
         return code
     finally:
         if not keep:

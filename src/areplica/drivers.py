@@ -11,6 +11,7 @@ The peewee ``# type: ignore`` comments of the package live here and in ``databas
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,15 +19,18 @@ from typing import Any
 import peewee
 import peewee_async
 
-from .errors import ConfigurationError
+from ._compat import timeout as _timeout
+from .errors import AreplicaError, ConfigurationError
 
-__all__ = ["DRIVERS", "Driver", "get_driver", "sqlstate_of"]
+__all__ = ["DRIVERS", "QUERY_CANCELED", "Driver", "get_driver", "sqlstate_of"]
 
 # SQLSTATEs that mean the connection (or the server behind it) is gone.
 _DISCONNECT_STATES = frozenset({"57P01", "57P02", "57P03", "57P04", "57P05"})
 # A standby cancelled the query because replay needed what it was reading.
 _RECOVERY_CONFLICT_STATES = frozenset({"40001", "40P01"})
 READ_ONLY_TRANSACTION = "25006"
+# A cancel request (ours, or close() cutting a query short) ended the statement.
+QUERY_CANCELED = "57014"
 
 
 def sqlstate_of(exc: BaseException) -> str | None:
@@ -59,13 +63,25 @@ class Driver:
     name: str
     database_cls: type[peewee_async.databases.AioDatabase]
     connect: Callable[[str, float], Awaitable[Any]]
+    #: Close a connection; a second call is a no-op (closing twice breaks aiopg, see below).
     close: Callable[[Any], Awaitable[None]]
+    #: Ask the server to cancel the query running on a connection with the driver's own
+    #: non-blocking cancel request, bounded by the timeout; never raises. ``None`` when the
+    #: driver has none that is safe (aiopg: psycopg2's cancel() holds the GIL while it
+    #: blocks, so a hung server would freeze the process): the pool then cancels by
+    #: backend pid over the node's probe connection (``pg_cancel_backend``).
+    cancel: Callable[[Any, float], Awaitable[None]] | None
+    backend_pid: Callable[[Any], int | None]
     is_closed: Callable[[Any], bool]
     is_idle: Callable[[Any], bool]
+    #: True while a query runs on the connection (the server is still working on it).
+    is_busy: Callable[[Any], bool]
     disconnect_errors: tuple[type[BaseException], ...]
 
     def is_disconnect(self, exc: BaseException) -> bool:
         """True when ``exc`` means the connection or its server is gone (retry a read)."""
+        if isinstance(exc, AreplicaError):  # our own verdicts (pool wait, read timeout, ...)
+            return False
         if isinstance(exc, (asyncio.TimeoutError, ConnectionError, OSError)):
             return True
         state = sqlstate_of(exc)
@@ -94,29 +110,62 @@ def _aiopg_driver() -> Driver:
     import psycopg2
     import psycopg2.extensions
 
-    async def open_connection(conninfo: str) -> Any:
-        # ``timeout=None`` leaves queries unbounded here: the router applies ``read_timeout``
-        # itself. hstore discovery is off: it costs a query per connection.
-        return await aiopg.connect(conninfo, timeout=None, enable_hstore=False)  # type: ignore[arg-type]
+    class Connection(aiopg.Connection):
+        """aiopg's connection, minus its own reaction to a cancelled wait.
+
+        Stock aiopg closes the connection when a query's wait is cancelled and turns a
+        server-side cancel (57014) into ``CancelledError`` plus a loop error report. The
+        close happens without a cancel request, so the query runs on in the server (an
+        orphan), and the pool's later close is a second one: aiopg then removes the event
+        loop reader of whatever socket reused the file descriptor, and that connection never
+        wakes. Here a cancelled wait leaves the connection as it is: the node pool, its one
+        owner, sends the cancel request and closes it exactly once. The reader callback
+        keeps consuming the connection's input meanwhile, so the late result is drained.
+        """
+
+        async def _poll(self, waiter: asyncio.Future[None], timeout: float | None) -> None:
+            self._ready(self._weakref)
+            try:
+                # Bounds are applied by the callers (read_timeout, connect timeout).
+                await waiter
+            finally:
+                # Nobody waits on it any more: a late close must not set an exception on
+                # it (that would be a "Future exception was never retrieved").
+                self._waiter = None
 
     async def connect(conninfo: str, timeout: float) -> Any:
         # Bounded here: libpq's connect_timeout does not apply to non-blocking connects.
-        return await asyncio.wait_for(open_connection(conninfo), timeout)
+        # hstore discovery is off: it costs a query per connection.
+        async with _timeout(timeout):
+            conn = Connection(conninfo, None, False, enable_hstore=False)  # type: ignore[arg-type]
+            return await conn._connect()  # closes the connection itself if this fails
 
     async def close(conn: Any) -> None:
-        conn.close()
+        if not conn.closed:
+            conn.close()
+
+    def backend_pid(conn: Any) -> int | None:
+        if conn.closed:
+            return None
+        return int(conn.raw.get_backend_pid())
 
     def is_idle(conn: Any) -> bool:
         status = conn.raw.get_transaction_status()
         return bool(status == psycopg2.extensions.TRANSACTION_STATUS_IDLE)
+
+    def is_busy(conn: Any) -> bool:
+        return not conn.closed and bool(conn.raw.isexecuting())
 
     return Driver(
         name="aiopg",
         database_cls=peewee_async.PostgresqlDatabase,
         connect=connect,
         close=close,
+        cancel=None,
+        backend_pid=backend_pid,
         is_closed=lambda conn: bool(conn.closed),
         is_idle=is_idle,
+        is_busy=is_busy,
         disconnect_errors=(psycopg2.OperationalError, psycopg2.InterfaceError),
     )
 
@@ -126,26 +175,40 @@ def _psycopg_driver() -> Driver:
     import psycopg.pq
 
     async def connect(conninfo: str, timeout: float) -> Any:
-        return await asyncio.wait_for(
-            psycopg.AsyncConnection.connect(
+        async with _timeout(timeout):
+            return await psycopg.AsyncConnection.connect(
                 conninfo, autocommit=True, cursor_factory=psycopg.AsyncClientCursor
-            ),
-            timeout,
-        )
+            )
 
     async def close(conn: Any) -> None:
-        await conn.close()
+        await conn.close()  # idempotent in psycopg
+
+    async def cancel(conn: Any, timeout: float) -> None:
+        # psycopg cancels on the server itself when a wait is cancelled; this covers a
+        # connection handed back while still busy (close() of the pool under load).
+        if conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.ACTIVE:
+            return
+        with contextlib.suppress(Exception):
+            await conn.cancel_safe(timeout=timeout)
 
     def is_idle(conn: Any) -> bool:
         return bool(conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE)
+
+    def is_busy(conn: Any) -> bool:
+        return bool(
+            not conn.closed and conn.info.transaction_status == psycopg.pq.TransactionStatus.ACTIVE
+        )
 
     return Driver(
         name="psycopg",
         database_cls=peewee_async.Psycopg3Database,
         connect=connect,
         close=close,
+        cancel=cancel,
+        backend_pid=lambda conn: None if conn.closed else int(conn.info.backend_pid),
         is_closed=lambda conn: bool(conn.closed or conn.broken),
         is_idle=is_idle,
+        is_busy=is_busy,
         disconnect_errors=(psycopg.OperationalError, psycopg.InterfaceError),
     )
 

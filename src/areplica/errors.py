@@ -8,9 +8,11 @@
     │   ├── NoPrimaryError                           no reachable node accepts writes right now
     │   └── NoReplicaAvailableError                  no eligible replica, fallback disabled
     ├── NodeUnavailableError (also peewee.OperationalError) one named node cannot serve
+    │   ├── PoolTimeoutError                         no pooled connection freed up in time
+    │   └── ReadTimeoutError                         a read outlived ``read_timeout``
     ├── ReadOnlyScopeError                           a write inside ``mgr.replica()``
     ├── ConsistencyTimeoutError (also peewee.OperationalError) no node reached a token in time
-    └── ClosedError                                  the manager is closed (or never opened)
+    └── ClosedError (also peewee.OperationalError)  the manager is closed (or closing)
 
 Availability errors also subclass ``peewee.OperationalError`` so that handlers written for
 peewee keep catching them. SQL errors (``IntegrityError`` and friends) are never wrapped.
@@ -29,7 +31,9 @@ __all__ = [
     "NoPrimaryError",
     "NoReplicaAvailableError",
     "NodeUnavailableError",
+    "PoolTimeoutError",
     "ReadOnlyScopeError",
+    "ReadTimeoutError",
     "TopologyError",
 ]
 
@@ -70,6 +74,30 @@ class NodeUnavailableError(AreplicaError, peewee.OperationalError):
         self.node = node
 
 
+class PoolTimeoutError(NodeUnavailableError):
+    """Every connection of a node's pool stayed busy for ``pool_timeout``; nothing was sent.
+
+    A full pool is load, not a dead node: it never takes the node down. A read waits for
+    another node instead; a write raises this error.
+    """
+
+    def __init__(self, message: str, *, node: str | None = None, timeout: float | None = None):
+        super().__init__(message, node=node)
+        self.timeout = timeout
+
+
+class ReadTimeoutError(NodeUnavailableError):
+    """A read ran longer than ``read_timeout`` on a node; it was cancelled on the server.
+
+    It is retried on another node (up to ``read_retries``). One slow query is no proof that
+    a node is dead: it never takes the node down.
+    """
+
+    def __init__(self, message: str, *, node: str | None = None, timeout: float | None = None):
+        super().__init__(message, node=node)
+        self.timeout = timeout
+
+
 class ReadOnlyScopeError(AreplicaError):
     """A write was attempted inside ``mgr.replica()``; nothing was sent to any server."""
 
@@ -83,5 +111,10 @@ class ConsistencyTimeoutError(AreplicaError, peewee.OperationalError):
         self.timeout = timeout
 
 
-class ClosedError(AreplicaError):
-    """The manager is not open: ``connect()`` was not called, or ``close()`` was."""
+class ClosedError(AreplicaError, peewee.OperationalError):
+    """The manager is not open: ``close()`` was called (or ``connect()`` never was).
+
+    Also raised by a query that ``close()`` interrupted after its grace period. It is a
+    ``peewee.OperationalError``, as peewee-async's errors for a closed pool are, so
+    reconnect-and-retry code written for peewee-async keeps working.
+    """

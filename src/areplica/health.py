@@ -19,17 +19,16 @@ import inspect
 import logging
 import statistics
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ._compat import timeout as _timeout
+from .cluster import Cluster, Identity
 from .consistency import parse_lsn, token_position
-from .node import Node, State
+from .node import Node, NodeStatus, State
 
-if TYPE_CHECKING:
-    from .manager import ReplicaManager
-
-__all__ = ["HealthMonitor", "HealthState", "ProbeResult", "probe"]
+__all__ = ["HealthMonitor", "HealthSettings", "HealthState", "ProbeResult", "probe"]
 
 logger = logging.getLogger("areplica")
 
@@ -37,9 +36,15 @@ PROBE_SQL = (
     "SELECT pg_is_in_recovery(),"
     " CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()::text"
     " ELSE pg_current_wal_insert_lsn()::text END,"
-    " CASE WHEN pg_is_in_recovery()"
-    " THEN extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float8"
-    " END"
+    " extract(epoch FROM pg_last_xact_replay_timestamp())::float8,"
+    " extract(epoch FROM clock_timestamp())::float8,"
+    " (SELECT system_identifier FROM pg_control_system()),"
+    # A primary's timeline is in its current WAL file name (the checkpoint's lags behind a
+    # promotion); a standby's is the one it replays.
+    " CASE WHEN pg_is_in_recovery() THEN (SELECT timeline_id FROM pg_control_checkpoint())"
+    " ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END,"
+    " extract(epoch FROM pg_postmaster_start_time())::float8,"
+    " current_setting('port')::int"
 )
 
 
@@ -49,8 +54,17 @@ class ProbeResult:
 
     in_recovery: bool
     lsn: int | None
-    replay_age: float | None
+    #: When the last replayed transaction committed (epoch seconds, standbys only).
+    replay_at: float | None
+    #: The server's clock at the probe (epoch seconds).
+    clock: float
     latency_ms: float
+    identity: Identity
+
+    @property
+    def replay_age(self) -> float | None:
+        """Seconds since the last replayed commit, by the node's own clock."""
+        return None if self.replay_at is None else max(0.0, self.clock - self.replay_at)
 
 
 class ProbeConnection:
@@ -64,13 +78,26 @@ class ProbeConnection:
         self._lock = asyncio.Lock()
 
     async def probe(self, timeout: float) -> ProbeResult:
-        """Probe the node, bounded by ``timeout``; a failure closes the connection."""
-        async with self._lock:
-            try:
-                return await asyncio.wait_for(self._probe(timeout), timeout)
-            except BaseException:
-                await self.close()
-                raise
+        """Probe the node, bounded by ``timeout``; a failure closes the connection.
+
+        A node that is down is probed on a fresh connection every time: readmission needs
+        the node to accept new connections (a server at ``max_connections`` still answers
+        on an old one, and would flap up and down).
+        """
+        try:
+            # The wait for the connection (a cancel request may be using it) counts: a
+            # probe that cannot run within its timeout is a failed probe.
+            async with _timeout(timeout), self._lock:
+                if self.node.state == "down":
+                    await self.close()
+                try:
+                    return await self._probe(timeout)
+                except BaseException:
+                    await asyncio.shield(self.close())
+                    raise
+        except asyncio.TimeoutError:
+            await asyncio.shield(self.close())
+            raise
 
     async def _probe(self, timeout: float) -> ProbeResult:
         driver = self.node.driver
@@ -82,13 +109,44 @@ class ProbeConnection:
             await cursor.execute(PROBE_SQL)
             row = await cursor.fetchone()
         latency_ms = (time.perf_counter() - started) * 1000.0
-        in_recovery, lsn_text, replay_age = row
+        in_recovery, lsn_text, replay_at, clock, system_id, timeline, started_at, port = row
+        in_recovery = bool(in_recovery)
         return ProbeResult(
-            in_recovery=bool(in_recovery),
-            lsn=_position(lsn_text, bool(in_recovery)),
-            replay_age=float(replay_age) if replay_age is not None else None,
+            in_recovery=in_recovery,
+            lsn=_position(lsn_text, in_recovery),
+            replay_at=float(replay_at) if replay_at is not None else None,
+            clock=float(clock),
             latency_ms=latency_ms,
+            identity=Identity(
+                in_recovery=in_recovery,
+                system_id=int(system_id) if system_id is not None else None,
+                timeline=int(timeline) if timeline is not None else None,
+                server=(int(system_id), float(started_at), int(port))
+                if system_id is not None
+                else None,
+            ),
         )
+
+    async def cancel_backend(self, pid: int, timeout: float) -> None:
+        """``pg_cancel_backend(pid)`` on this node, over the probe connection.
+
+        The cancel path of drivers without a safe cancel request of their own: it needs
+        no connection beyond the probe's, so a node never sees more than ``pool_size`` + 1
+        of our backends.
+        """
+        if self.node.state == "down":
+            return  # its pool was dropped already; a hung server would only make us wait
+        async with _timeout(timeout), self._lock:
+            try:
+                driver = self.node.driver
+                if self._conn is None or driver.is_closed(self._conn):
+                    self._conn = await driver.connect(self.node.dsn.conninfo, timeout)
+                async with self._conn.cursor() as cursor:
+                    await cursor.execute("SELECT pg_cancel_backend(%s)", (pid,))
+                    await cursor.fetchone()
+            except BaseException:
+                await asyncio.shield(self.close())
+                raise
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -185,12 +243,43 @@ SLOW_FLOOR_MS = 20.0
 _EWMA = 0.5
 
 
-class HealthMonitor:
-    """The background task that probes every node of a manager each ``health_interval``."""
+@dataclass(frozen=True)
+class HealthSettings:
+    """The manager options the health loop uses."""
 
-    def __init__(self, manager: ReplicaManager) -> None:
-        self.manager = manager
-        self.name = f"{manager.name}-health"
+    name: str
+    interval: float
+    timeout: float
+    fail_after: int
+    recover_after: int
+    max_lag: float | None
+    max_lag_bytes: int | None
+    slow_factor: float | None
+
+
+StateCallback = Callable[[NodeStatus, NodeStatus], Any]
+
+
+class HealthMonitor:
+    """The background task that probes every member of a cluster each ``interval``.
+
+    It owns the probe connections and the per-node state machines, feeds what the probes
+    saw to the ``Cluster`` (which decides roles), and calls ``callbacks`` on state changes.
+    ``before_round`` (a member source's refresh) runs at the start of every round.
+    """
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        settings: HealthSettings,
+        callbacks: list[StateCallback],
+        before_round: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.settings = settings
+        self.callbacks = callbacks
+        self.before_round = before_round
+        self.name = f"{settings.name}-health"
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -201,64 +290,74 @@ class HealthMonitor:
         # (monotonic time, primary WAL position) per round: how long ago the primary was
         # where a replica is now is that replica's lag in seconds.
         self._history: collections.deque[tuple[float, int]] = collections.deque(maxlen=4096)
-        self.split_brain = False
+        # The primary's clock at its last probe, against our monotonic clock.
+        self._primary_clock: tuple[float, float] | None = None
+        self._seeding = False
         self.rounds = 0
         self._tasks: set[asyncio.Future[Any]] = set()
 
     def __repr__(self) -> str:
         return f"<HealthMonitor {self.name} rounds={self.rounds}>"
 
+    @property
+    def split_brain(self) -> bool:
+        return self.cluster.split_brain
+
     def _state(self, node: Node) -> HealthState:
         state = self._states.get(node)
         if state is None:
-            mgr = self.manager
+            settings = self.settings
             state = HealthState(
-                fail_after=mgr.fail_after,
-                recover_after=mgr.recover_after,
-                max_lag=mgr.max_lag,
-                max_lag_bytes=mgr.max_lag_bytes,
+                fail_after=settings.fail_after,
+                recover_after=settings.recover_after,
+                max_lag=settings.max_lag,
+                max_lag_bytes=settings.max_lag_bytes,
                 state=node.state,
             )
             self._states[node] = state
         return state
 
-    def seed(self, outcome: Mapping[str, ProbeResult | BaseException]) -> None:
-        """Initial states from ``connect()``'s probes: reachable nodes start up at once."""
-        primary = self.manager._primary
-        now = time.monotonic()
-        if primary is not None and primary.lsn is not None:
-            self._history.append((now, primary.lsn))
-        for node in self.manager._all_nodes():
-            result = outcome.get(node.name)
-            state = self._state(node)
-            if isinstance(result, ProbeResult):
-                state.successes = state.recover_after
-                self._apply(node, result, now)
-            else:
-                state.state = "down"
-                node.state = "down"
+    def seed(self, outcome: Mapping[Node, ProbeResult | BaseException]) -> None:
+        """Initial states from ``connect()``'s probes: reachable nodes start up at once.
+
+        Initial states are not changes: nothing is logged or called back for them.
+        """
+        self._seeding = True
+        try:
+            for node in outcome:
+                state = self._state(node)
+                if isinstance(outcome[node], ProbeResult):
+                    state.successes = state.recover_after
+            self._absorb(outcome, time.monotonic())
+        finally:
+            self._seeding = False
 
     def start(self) -> None:
         """Start the probe loop (called by ``connect()``)."""
         self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
 
     async def stop(self) -> None:
-        """Ask the loop to stop, wait a little, then cancel it; close probe connections."""
-        self._stop.set()
-        self._wake.set()
-        task, self._task = self._task, None
-        if task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(task), self.manager.health_timeout + 1.0)
-            except (asyncio.TimeoutError, Exception):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        """Stop the loop (``halt()``), close probe connections, wait for spawned tasks."""
+        await self.halt()
         for connection in list(self._probes.values()):
             await connection.close()
         self._probes.clear()
         while self._tasks:  # pool closings and async callbacks started by transitions
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def halt(self) -> None:
+        """Ask the loop to stop, wait a little, then cancel it. Idempotent."""
+        self._stop.set()
+        self._wake.set()
+        task, self._task = self._task, None
+        if task is not None:
+            try:
+                async with _timeout(self.settings.timeout + 1.0):
+                    await asyncio.shield(task)
+            except (asyncio.TimeoutError, Exception):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
     def _spawn(self, awaitable: Any, name: str) -> None:
         task = asyncio.ensure_future(awaitable)
@@ -267,8 +366,12 @@ class HealthMonitor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def wake(self) -> None:
+        """Run a round now (a member source saw a change, a connection failed)."""
+        self._wake.set()
+
     async def _run(self) -> None:
-        interval = self.manager.health_interval
+        interval = self.settings.interval
         while not self._stop.is_set():
             try:
                 await self.round()
@@ -276,7 +379,8 @@ class HealthMonitor:
                 logger.exception("%s: health round failed", self.name)
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+                async with _timeout(interval):
+                    await self._wake.wait()
 
     async def forget(self, node: Node) -> None:
         """Drop a removed node's probe connection and state."""
@@ -289,31 +393,48 @@ class HealthMonitor:
 
     async def round(self, only: Iterable[Node] | None = None) -> None:
         """Probe the nodes (all by default) concurrently and apply what the probes saw."""
-        mgr = self.manager
-        nodes = list(only) if only is not None else mgr._all_nodes()
-        timeout = mgr.health_timeout
+        if self.before_round is not None and only is None:
+            try:
+                await self.before_round()
+            except Exception:
+                logger.exception("%s: member source failed", self.name)
+        nodes = list(only) if only is not None else list(self.cluster)
+        timeout = self.settings.timeout
         results = await asyncio.gather(
             *(self._probe_connection(node).probe(timeout) for node in nodes),
             return_exceptions=True,
         )
         self.rounds += 1
-        now = time.monotonic()
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, Exception):
                 raise result
-        # The primary's position first: replica lag is measured against it.
-        self._discover_primary(dict(zip(nodes, results, strict=True)))
-        primary = mgr._primary
-        if primary is not None and primary in nodes:
-            result = results[nodes.index(primary)]
-            if isinstance(result, ProbeResult) and result.lsn is not None:
+        self._absorb(dict(zip(nodes, results, strict=True)), time.monotonic())
+
+    def _absorb(self, results: Mapping[Node, ProbeResult | BaseException], now: float) -> None:
+        # Roles first: replica lag is measured against the primary.
+        self.cluster.observe(
+            {n: r.identity if isinstance(r, ProbeResult) else r for n, r in results.items()}
+        )
+        primary = self.cluster.primary
+        result = results.get(primary) if primary is not None else None
+        if isinstance(result, ProbeResult):
+            if result.lsn is not None:
                 self._history.append((now, result.lsn))
-        for node, result in zip(nodes, results, strict=True):
+            self._primary_clock = (now, result.clock)
+        for node, result in results.items():
             if isinstance(result, ProbeResult):
                 self._apply(node, result, now)
             else:
                 node.note_error(result)
+                if node.paused:
+                    # Its HA manager stopped it on purpose (a switchover restarts the old
+                    # primary): it takes no queries meanwhile, but it is not evicted.
+                    continue
                 self._transition(node, self._state(node).failure())
+
+    async def cancel_backend(self, node: Node, pid: int, timeout: float) -> None:
+        """Cancel a query of ``node``'s pool by backend pid (see ``ProbeConnection``)."""
+        await self._probe_connection(node).cancel_backend(pid, timeout)
 
     def _probe_connection(self, node: Node) -> ProbeConnection:
         connection = self._probes.get(node)
@@ -321,71 +442,34 @@ class HealthMonitor:
             connection = self._probes[node] = ProbeConnection(node)
         return connection
 
-    def _discover_primary(self, results: Mapping[Node, ProbeResult | BaseException]) -> None:
-        """Follow the node that is out of recovery; refuse to pick between two (split brain)."""
-        mgr = self.manager
-        for node, result in results.items():
-            if isinstance(result, ProbeResult):
-                node.in_recovery = result.in_recovery
-        writers = [
-            n
-            for n in mgr._all_nodes()
-            if n.in_recovery is False
-            and not isinstance(results.get(n), BaseException)
-            and (n in results or n is mgr._primary)
-        ]
-        current = mgr._primary
-        if len(writers) > 1:
-            if not self.split_brain:
-                logger.error(
-                    "%s: split brain: %s are all out of recovery; refusing writes until one "
-                    "is a standby again",
-                    mgr.name,
-                    ", ".join(n.label for n in writers),
-                )
-            self.split_brain = True
-            return
-        if self.split_brain:
-            logger.warning("%s: split brain resolved", mgr.name)
-        self.split_brain = False
-        if len(writers) == 1 and writers[0] is not current:
-            new = writers[0]
-            reachable_old = current is not None and isinstance(results.get(current), ProbeResult)
-            if current is not None and reachable_old and current.in_recovery is False:
-                return  # cannot happen (two writers) but never switch while the old one writes
-            logger.warning(
-                "%s: %s is out of recovery: it is the primary now (was %s)",
-                mgr.name,
-                new.label,
-                current.name if current else None,
-            )
-            if current is not None:
-                current.role = "replica"
-                current.weight = mgr._weights.get(current.name, 1.0)
-            new.role = "primary"
-            new.lag_bytes = new.lag_seconds = None
-            mgr._primary = new
-        elif current is not None and current.in_recovery is True and not writers:
-            # The primary went into recovery (demoted); no node takes writes right now.
-            logger.error(
-                "%s: primary %s is in recovery; no node takes writes", mgr.name, current.label
-            )
-            current.role = "replica"
-            mgr._primary = None
+    def _lag_seconds(self, result: ProbeResult, now: float) -> float:
+        """How far behind the primary a standby is, in seconds, from server facts.
 
-    def _lag_seconds(self, replay_lsn: int, replay_age: float | None, now: float) -> float:
+        The history of the primary's positions says when the primary passed the standby's
+        replay position. When the standby was already behind before the oldest entry (at
+        startup, say), the history cannot tell: the age of its last replayed commit by the
+        primary's clock bounds the lag from above, and is used, so that a standby already
+        far behind is ``lagging`` from its first probe.
+        """
+        replay_lsn = result.lsn or 0
         behind_since = None
         for seen_at, lsn in self._history:
             if lsn > replay_lsn:
                 behind_since = seen_at
                 break
-        history_lag = max(0.0, now - behind_since) if behind_since is not None else 0.0
-        if replay_age is None:
-            return history_lag
-        return max(0.0, min(replay_age, history_lag)) if behind_since is not None else 0.0
+        age = result.replay_age
+        if result.replay_at is not None and self._primary_clock is not None:
+            seen_at, clock = self._primary_clock
+            age = max(0.0, clock + (now - seen_at) - result.replay_at)
+        if behind_since is None:
+            return 0.0
+        history_lag = max(0.0, now - behind_since)
+        if self._history and behind_since == self._history[0][0]:
+            # Behind since before we started watching: the history is no bound.
+            return age if age is not None else history_lag
+        return history_lag if age is None else min(age, history_lag)
 
     def _apply(self, node: Node, result: ProbeResult, now: float) -> None:
-        mgr = self.manager
         node.last_probe = now
         node.lsn = result.lsn
         previous = self._latency.get(node)
@@ -396,14 +480,16 @@ class HealthMonitor:
         )
         self._latency[node] = latency
         node.latency_ms = latency
-        primary = mgr._primary
+        cluster = self.cluster
+        primary = cluster.primary
         if node is primary:
             node.lag_bytes = node.lag_seconds = None
             self._transition(node, self._state(node).success(None, None))
             return
-        if not result.in_recovery:
-            # Out of recovery but not the primary (split brain, or a stray primary): it is
-            # on another timeline, so it serves nothing until it is a standby again.
+        if cluster.refused(node) is not None or not result.in_recovery:
+            # Another cluster, a duplicate entry, or out of recovery without being the
+            # primary (a former primary on an older timeline, or split brain): it serves
+            # nothing until that changes.
             node.lag_bytes = node.lag_seconds = None
             self._transition(node, self._state(node).force_down())
             return
@@ -411,16 +497,14 @@ class HealthMonitor:
         lag_seconds: float | None = None
         if result.lsn is not None and primary is not None and primary.lsn is not None:
             lag_bytes = max(0, primary.lsn - result.lsn)
-            lag_seconds = (
-                0.0 if lag_bytes == 0 else self._lag_seconds(result.lsn, result.replay_age, now)
-            )
+            lag_seconds = 0.0 if lag_bytes == 0 else self._lag_seconds(result, now)
         node.lag_bytes = lag_bytes
         node.lag_seconds = lag_seconds
         slow = self._is_slow(node, latency)
         self._transition(node, self._state(node).success(lag_seconds, lag_bytes, slow=slow))
 
     def _is_slow(self, node: Node, latency: float) -> bool:
-        factor = self.manager.slow_factor
+        factor = self.settings.slow_factor
         if factor is None:
             return False
         peers = [
@@ -437,7 +521,7 @@ class HealthMonitor:
         if slow != was_slow:
             logger.warning(
                 "%s: %s probe latency %.1f ms is %s (threshold %.1f ms)",
-                self.manager.name,
+                self.settings.name,
                 node.name,
                 latency,
                 "slow" if slow else "normal again",
@@ -453,11 +537,12 @@ class HealthMonitor:
         primary one broken connection is not proof (a terminated backend, a restarted
         pooler): wake the loop so a probe decides now.
         """
-        if node is self.manager._primary:
+        if node is self.cluster.primary or node.paused:
             self._wake.set()
             return
         if node.state != "down":
             self._transition(node, self._state(node).force_down(), reason=exc)
+            self._wake.set()
 
     def _transition(
         self, node: Node, new_state: State, reason: BaseException | None = None
@@ -465,12 +550,16 @@ class HealthMonitor:
         old_state = node.state
         if new_state == old_state:
             return
+        if self._seeding:
+            node.state = new_state
+            return
+        name = self.settings.name
         old = node.status()
         node.state = new_state
         if new_state == "down":
             node.evictions += 1
             stale = node.reset_pool()
-            self._spawn(stale.close(), f"{self.manager.name}-{node.name}-evict")
+            self._spawn(stale.close(), f"{name}-{node.name}-evict")
         why = (
             node.last_error
             if new_state == "down"
@@ -481,17 +570,15 @@ class HealthMonitor:
             )
         )
         level = logging.INFO if new_state == "up" else logging.WARNING
-        logger.log(
-            level, "%s: %s %s -> %s %s", self.manager.name, node.name, old_state, new_state, why
-        )
+        logger.log(level, "%s: %s %s -> %s %s", name, node.name, old_state, new_state, why)
         new = node.status()
-        for callback in list(self.manager._callbacks):
+        for callback in list(self.callbacks):
             try:
                 outcome = callback(old, new)
                 if inspect.isawaitable(outcome):
-                    self._spawn(_guard(outcome, self.manager.name), f"{self.manager.name}-callback")
+                    self._spawn(_guard(outcome, name), f"{name}-callback")
             except Exception:
-                logger.exception("%s: on_state_change callback failed", self.manager.name)
+                logger.exception("%s: on_state_change callback failed", name)
 
 
 async def _guard(awaitable: Any, name: str) -> None:

@@ -20,7 +20,6 @@ import enum
 import itertools
 import logging
 import os
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
@@ -32,56 +31,31 @@ import peewee
 from peewee_async.result_wrappers import fetch_models
 
 from . import dsn as dsn_mod
-from .consistency import WAL_POSITION_SQL, format_lsn, parse_lsn, token_position
+from ._compat import timeout as _timeout
+from .cluster import Cluster
+from .consistency import WAL_POSITION_SQL, WarnOnce, format_lsn, parse_lsn, token_position
 from .database import routing_database_for
-from .drivers import Driver, get_driver
+from .drivers import QUERY_CANCELED, Driver, get_driver, sqlstate_of
 from .errors import (
     ClosedError,
     ConfigurationError,
     NodeUnavailableError,
     NoPrimaryError,
     NoReplicaAvailableError,
+    PoolTimeoutError,
     ReadOnlyScopeError,
+    ReadTimeoutError,
     TopologyError,
 )
-from .health import HealthMonitor, probe
+from .health import HealthMonitor, HealthSettings, ProbeResult, probe
 from .node import Node, NodeStatus
 from .policies import POLICIES
 from .routing import QueryKind, classify_query, classify_sql
+from .sources import PatroniSource
 
 __all__ = ["ReplicaManager"]
 
 logger = logging.getLogger("areplica")
-
-if sys.version_info >= (3, 11):
-    _timeout = asyncio.timeout
-else:  # pragma: no cover - Python 3.10
-
-    @contextlib.asynccontextmanager
-    async def _timeout(delay: float | None) -> AsyncIterator[None]:
-        if delay is None:
-            yield
-            return
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        fired = False
-
-        def fire() -> None:
-            nonlocal fired
-            fired = True
-            task.cancel()
-
-        handle = loop.call_later(delay, fire)
-        try:
-            yield
-        except asyncio.CancelledError as exc:
-            if fired:
-                raise asyncio.TimeoutError from exc
-            raise
-        finally:
-            handle.cancel()
-
 
 Consistency = Literal["causal", "sticky", "eventual"]
 _CONSISTENCY = ("causal", "sticky", "eventual")
@@ -91,6 +65,7 @@ FetchResults = Callable[[Any, Any], Awaitable[Any]]
 class _Lifecycle(enum.Enum):
     NEW = "new"
     OPEN = "open"
+    CLOSING = "closing"
     CLOSED = "closed"
 
 
@@ -104,7 +79,16 @@ class _Route:
 
 @dataclass
 class _Binding:
-    """A connection bound to one manager's scope: a transaction or a pinned connection."""
+    """A connection bound to one manager's scope: a transaction or a pinned connection.
+
+    Child tasks spawned inside the scope share it. ``lock`` keeps their statements from
+    using the connection at the same time. ``exclusive`` serializes savepoint blocks: while
+    a task is inside a nested ``atomic()``, only that block (its task and the tasks it
+    spawns, which inherit the block's id through ``_SAVEPOINTS``) may use the connection;
+    other tasks wait for it to release or roll back, so one child's ``ROLLBACK TO
+    SAVEPOINT`` can never undo a sibling's work. ``broken``: a statement was cancelled or
+    the connection failed; nothing else may run on it, and it is discarded at the end.
+    """
 
     node: Node
     conn: Any
@@ -113,6 +97,18 @@ class _Binding:
     active: bool = True
     wrote: bool = False
     broken: bool = False
+    exclusive: object | None = None
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def allows(self) -> bool:
+        """True when the current task may use the connection now."""
+        return self.exclusive is None or self.exclusive in _SAVEPOINTS.get()
+
+    def end_exclusive(self, previous: object | None) -> None:
+        """A savepoint block ended: hand the connection back and wake the waiters."""
+        self.exclusive = previous
+        released, self.released = self.released, asyncio.Event()
+        released.set()
 
 
 class _Session:
@@ -151,12 +147,19 @@ _ROUTE: ContextVar[Mapping[object, _Route]] = ContextVar(
 _SESSION: ContextVar[Mapping[object, _Session]] = ContextVar(
     "areplica_session", default=MappingProxyType({})
 )
+# The savepoint blocks the current task is inside (ids, outermost first).
+_SAVEPOINTS: ContextVar[tuple[object, ...]] = ContextVar("areplica_savepoints", default=())
 
 _REPLAY_SQL = "SELECT pg_last_wal_replay_lsn()::text"
 _CURRENT_SQL = WAL_POSITION_SQL
 
 _OPTION_NAMES = (
     "causal_wait",
+    "dsn",
+    "members",
+    "patroni",
+    "primary_wait",
+    "close_timeout",
     "consistency",
     "driver",
     "fail_after",
@@ -168,6 +171,7 @@ _OPTION_NAMES = (
     "name",
     "policy",
     "pool_size",
+    "pool_timeout",
     "read_retries",
     "read_timeout",
     "recover_after",
@@ -197,9 +201,13 @@ class ReplicaManager:
 
     def __init__(
         self,
-        primary: str | Sequence[str],
+        primary: str | Sequence[str] | None = None,
         replicas: Sequence[str] | Mapping[str, str] = (),
         *,
+        members: str | Sequence[str] | Mapping[str, str] | None = None,
+        patroni: str | Sequence[str] | None = None,
+        dsn: str | None = None,
+        primary_wait: float | None = None,
         name: str = "areplica",
         driver: str = "aiopg",
         pool_size: int = 10,
@@ -215,6 +223,8 @@ class ReplicaManager:
         fail_after: int = 3,
         recover_after: int = 2,
         read_timeout: float | None = 30.0,
+        pool_timeout: float | None = 30.0,
+        close_timeout: float = 5.0,
         read_retries: int = 2,
         fallback_to_primary: bool = True,
         slow_factor: float | None = 10.0,
@@ -262,6 +272,17 @@ class ReplicaManager:
         self.fail_after: int = _positive("fail_after", fail_after, integer=True)
         self.recover_after: int = _positive("recover_after", recover_after, integer=True)
         self.read_timeout: float | None = _positive("read_timeout", read_timeout, allow_none=True)
+        self.pool_timeout: float | None = _positive("pool_timeout", pool_timeout, allow_none=True)
+        if (
+            isinstance(close_timeout, bool)
+            or not isinstance(close_timeout, (int, float))
+            or close_timeout < 0
+        ):
+            raise ConfigurationError(
+                f"close_timeout: expected seconds >= 0, got {close_timeout!r}",
+                option="close_timeout",
+            )
+        self.close_timeout = float(close_timeout)
         if isinstance(read_retries, bool) or not isinstance(read_retries, int) or read_retries < 0:
             raise ConfigurationError(
                 f"read_retries: expected an integer >= 0, got {read_retries!r}",
@@ -292,14 +313,22 @@ class ReplicaManager:
             )
         self.primary_weight = float(primary_weight)
 
-        # Nodes: every primary candidate, then the replicas.
-        candidates = [primary] if isinstance(primary, str) else list(primary)
-        if not candidates:
-            raise ConfigurationError("primary: expected a DSN or a list of DSNs", option="primary")
-        self._candidates: dict[str, Node] = {}
-        for index, text in enumerate(candidates, start=1):
-            node_name = "primary" if len(candidates) == 1 else f"primary-{index}"
-            self._candidates[node_name] = self._make_node(node_name, text, "primary", "primary")
+        # Members: roles are discovered, never configured. ``primary`` and ``replicas``
+        # name the first members ("primary", "replica-N"); ``members`` adds more; a libpq
+        # multi-host DSN is one member per host; ``patroni`` adds and removes members
+        # at run time (see sources.py).
+        self._cluster = Cluster(name)
+        entries: list[tuple[str, str, str]] = []  # (name, dsn, option)
+        if primary is not None:
+            candidates = [primary] if isinstance(primary, str) else list(primary)
+            if not candidates:
+                raise ConfigurationError(
+                    "primary: expected a DSN or a list of DSNs", option="primary"
+                )
+            for index, text in enumerate(candidates, start=1):
+                entries.append(
+                    ("primary" if len(candidates) == 1 else f"primary-{index}", text, "primary")
+                )
         if isinstance(replicas, str):
             raise ConfigurationError(
                 "replicas: expected a list of DSNs or a {name: dsn} dict, got a string",
@@ -310,19 +339,52 @@ class ReplicaManager:
             if isinstance(replicas, Mapping)
             else [(f"replica-{i}", text) for i, text in enumerate(replicas, start=1)]
         )
-        self._replicas: dict[str, Node] = {}
-        for node_name, text in items:
-            if node_name in self._replicas or node_name in self._candidates:
-                raise ConfigurationError(
-                    f"replicas: duplicate node name {node_name!r}", option="replicas"
+        entries.extend((node_name, text, "replicas") for node_name, text in items)
+        if isinstance(members, str):
+            members = [members]
+        member_items = (
+            list(members.items())
+            if isinstance(members, Mapping)
+            else [(f"member-{i}", text) for i, text in enumerate(members or (), start=1)]
+        )
+        entries.extend((node_name, text, "members") for node_name, text in member_items)
+        self._template: dsn_mod.NodeDSN | None = None
+        if dsn is not None:
+            self._template = dsn_mod.parse(dsn, option="dsn")
+        for node_name, text, option in entries:
+            for member_name, parsed in dsn_mod.expand_hosts(
+                node_name, dsn_mod.parse(text, option=f"{option}[{node_name}]")
+            ):
+                role: Literal["primary", "replica"] = (
+                    "primary" if option == "primary" else "replica"
                 )
-            self._replicas[node_name] = self._make_node(node_name, text, "replica", "replicas")
+                try:
+                    self._cluster.add(self._make_node(member_name, parsed, role, option))
+                except ConfigurationError as exc:
+                    raise ConfigurationError(str(exc), option=option) from None
+        self._source: PatroniSource | None = None
+        if patroni is not None:
+            urls = [patroni] if isinstance(patroni, str) else list(patroni)
+            template = self._template or next((n.dsn for n in self._cluster), None)
+            if not urls or template is None:
+                raise ConfigurationError(
+                    "patroni: expected REST URLs and a dsn= template (user, password, "
+                    "dbname) for the members it discovers",
+                    option="patroni",
+                )
+            self._source = PatroniSource(urls, name=name, timeout=health_timeout)
+            self._template = template
+        if not len(self._cluster) and self._source is None:
+            raise ConfigurationError(
+                "no members: give primary=/replicas=, members=, or patroni=", option="members"
+            )
 
         self._weights = dict(weights or {})
         for node_name, weight in self._weights.items():
-            if node_name not in self._replicas:
+            member = self._cluster.get(node_name)
+            if member is None:
                 raise ConfigurationError(
-                    f"weights: {node_name!r} is not a replica (replicas: {sorted(self._replicas)})",
+                    f"weights: {node_name!r} is not a member (members: {self._cluster.names})",
                     option="weights",
                 )
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
@@ -330,7 +392,7 @@ class ReplicaManager:
                     f"weights: weight of {node_name!r} must be a number >= 0, got {weight!r}",
                     option="weights",
                 )
-            self._replicas[node_name].weight = float(weight)
+            member.read_weight = float(weight)
         if isinstance(policy, str):
             if policy not in POLICIES:
                 raise ConfigurationError(
@@ -345,8 +407,24 @@ class ReplicaManager:
                 f"policy: expected a name or a callable, got {policy!r}", option="policy"
             )
 
-        self._primary: Node | None = None
         self._lifecycle = _Lifecycle.NEW
+        self._closed = asyncio.Event()
+        self._slot_event: asyncio.Event | None = None
+        self._connecting = asyncio.Lock()
+        self._switching = False
+        if primary_wait is None:
+            primary_wait = 5.0 if self._source is not None else 0.0
+        if (
+            isinstance(primary_wait, bool)
+            or not isinstance(primary_wait, (int, float))
+            or primary_wait < 0
+        ):
+            raise ConfigurationError(
+                f"primary_wait: expected seconds >= 0, got {primary_wait!r}",
+                option="primary_wait",
+            )
+        #: How long a write waits for a primary while none is usable (a switchover).
+        self.primary_wait = float(primary_wait)
         self._key = object()
         self._monitor: HealthMonitor | None = None
         self._callbacks: list[Callable[[NodeStatus, NodeStatus], Any]] = []
@@ -355,18 +433,17 @@ class ReplicaManager:
         self.retried_reads = 0
         self.caught_up_reads = 0
         self._highest_lsn = 0
-        self._warned: set[tuple[str, str]] = set()
-        first = next(iter(self._candidates.values()))
+        self._warned = WarnOnce(maxsize=1024)
+        first = self._template or next(iter(self._cluster)).dsn
         self.database: Any = routing_database_for(
-            self, self._driver.name, first.dsn.params.get("dbname")
+            self, self._driver.name, first.params.get("dbname")
         )
 
     # ------------------------------------------------------------------ construction helpers
 
     def _make_node(
-        self, name: str, text: str, role: Literal["primary", "replica"], option: str
+        self, name: str, parsed: dsn_mod.NodeDSN, role: Literal["primary", "replica"], option: str
     ) -> Node:
-        parsed = dsn_mod.parse(text, option=f"{option}[{name}]")
         connect_timeout = self.health_timeout
         raw = parsed.params.get("connect_timeout")
         if raw is not None:
@@ -376,14 +453,25 @@ class ReplicaManager:
                 raise ConfigurationError(
                     f"{option}[{name}]: connect_timeout {raw!r} is not a number", option=option
                 ) from None
-        return Node(
+        node = Node(
             name,
             parsed,
             role=role,
             driver=self._driver,
             pool_size=self.pool_size,
             connect_timeout=connect_timeout,
+            pool_timeout=self.pool_timeout,
         )
+        node.primary_weight = self.primary_weight
+        node.source = option
+
+        async def cancel_backend(pid: int, timeout: float) -> None:
+            if self._monitor is not None:
+                await self._monitor.cancel_backend(node, pid, timeout)
+
+        node.canceller = cancel_backend
+        node.on_slot_free = self._slot_freed
+        return node
 
     @classmethod
     def from_env(cls, prefix: str = "AREPLICA_", **overrides: Any) -> ReplicaManager:
@@ -395,10 +483,10 @@ class ReplicaManager:
         """
         env = os.environ
         primary_text = env.get(f"{prefix}PRIMARY", "")
-        primaries = _split_dsns(primary_text)
+        primaries = dsn_mod.split_dsns(primary_text)
         if not primaries:
             raise ConfigurationError(f"{prefix}PRIMARY is not set", option="primary")
-        replicas = _split_dsns(env.get(f"{prefix}REPLICAS", ""))
+        replicas = dsn_mod.split_dsns(env.get(f"{prefix}REPLICAS", ""))
         options: dict[str, Any] = {}
         defaults = cls.__init__.__kwdefaults__ or {}
         for option in _OPTION_NAMES:
@@ -444,129 +532,180 @@ class ReplicaManager:
         await self.close()
 
     async def connect(self) -> None:
-        """Probe every node once, verify roles, and start the health task.
+        """Probe every member once, discover roles, and start the health task.
 
-        Raises ``NoPrimaryError`` when no primary candidate answers within
-        ``health_timeout``, ``TopologyError`` when the roles are wrong. A replica that does
-        not answer is not fatal: it starts ``down`` and the health task readmits it later.
+        Raises ``NoPrimaryError`` when no member answers within ``health_timeout``,
+        ``TopologyError`` when members answer but none is out of recovery (or two are, on
+        one timeline). A standby that does not answer is not fatal: it starts ``down`` and
+        the health task readmits it later. Concurrent callers share one connect; after
+        ``close()`` it reopens the manager.
         """
+        async with self._connecting:
+            await self._connect()
+
+    async def _connect(self) -> None:
         if self._lifecycle is _Lifecycle.OPEN:
             return
+        if self._lifecycle is _Lifecycle.CLOSING:
+            raise ClosedError(f"manager {self.name!r} is closing; connect() again after it")
         if self._lifecycle is _Lifecycle.CLOSED:
-            raise ClosedError(f"manager {self.name!r} is closed; create a new one")
-        nodes = self._all_nodes()
+            # Reopen (peewee-async's aio_close() then aio_connect()): fresh pools, roles
+            # discovered again, a new health task.
+            for node in self._cluster:
+                node.reset_pool()
+                node.state = "down"
+            self._cluster.reset()
+        monitor = HealthMonitor(
+            self._cluster,
+            HealthSettings(
+                name=self.name,
+                interval=self.health_interval,
+                timeout=self.health_timeout,
+                fail_after=self.fail_after,
+                recover_after=self.recover_after,
+                max_lag=self.max_lag,
+                max_lag_bytes=self.max_lag_bytes,
+                slow_factor=self.slow_factor,
+            ),
+            self._callbacks,
+            before_round=self._refresh_members if self._source is not None else None,
+        )
+        if self._source is not None:
+            await self._refresh_members()
+        nodes = list(self._cluster)
         results = await asyncio.gather(
             *(probe(node, self.health_timeout) for node in nodes), return_exceptions=True
         )
-        outcome = dict(zip((n.name for n in nodes), results, strict=True))
+        outcome: dict[Node, ProbeResult | BaseException] = {}
         for node, result in zip(nodes, results, strict=True):
-            if isinstance(result, BaseException):
-                if not isinstance(result, Exception):
-                    raise result
-                node.note_error(result)
-                node.state = "down"
-            else:
-                node.in_recovery = result.in_recovery
-                node.lsn = result.lsn
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result
+            outcome[node] = result
+            if isinstance(result, ProbeResult):
                 node.latency_ms = result.latency_ms
-        writable = [n for n in self._candidates.values() if n.in_recovery is False]
-        reachable = [
-            n for n in self._candidates.values() if not isinstance(outcome[n.name], BaseException)
-        ]
-        if not reachable:
-            detail = "; ".join(f"{n.label}: {n.last_error}" for n in self._candidates.values())
-            first = next(iter(self._candidates.values()))
+            else:
+                node.note_error(result)
+                logger.warning(
+                    "%s: %s is unreachable at connect, starting down: %s",
+                    self.name,
+                    node.label,
+                    node.last_error,
+                )
+        monitor.seed(outcome)
+        cluster = self._cluster
+        if cluster.primary is None:
+            reachable = [n for n in nodes if isinstance(outcome[n], ProbeResult)]
+            detail = "; ".join(f"{n.label}: {n.last_error}" for n in nodes)
+            first = nodes[0] if nodes else None
+            if cluster.split_brain:
+                raise TopologyError(
+                    f"{self.name}: more than one member is out of recovery on the same "
+                    "timeline; refusing to guess (split brain)",
+                    node=first.name if first else None,
+                )
+            if reachable:
+                raise TopologyError(
+                    f"{self.name}: no member is out of recovery: "
+                    f"{', '.join(n.label for n in reachable)} are all standbys "
+                    "(pg_is_in_recovery() is true)",
+                    node=reachable[0].name,
+                )
             raise NoPrimaryError(
                 f"{self.name}: no primary reachable within {self.health_timeout:g}s ({detail})",
-                node=first.name,
+                node=first.name if first else None,
             )
-        if len(writable) > 1:
-            raise TopologyError(
-                f"{self.name}: more than one primary candidate is out of recovery "
-                f"({', '.join(n.label for n in writable)}); refusing to guess",
-                node=writable[0].name,
-            )
-        if not writable:
-            node = reachable[0]
-            raise TopologyError(
-                f"{self.name}: primary {node.label} is a standby (pg_is_in_recovery() is true)",
-                node=node.name,
-            )
-        for replica in self._replicas.values():
-            if isinstance(outcome[replica.name], BaseException):
-                logger.warning(
-                    "%s: replica %s is unreachable at connect, starting down: %s",
-                    self.name,
-                    replica.label,
-                    replica.last_error,
-                )
-            elif replica.in_recovery is False:
-                raise TopologyError(
-                    f"{self.name}: replica {replica.label} is not a standby "
-                    "(pg_is_in_recovery() is false)",
-                    node=replica.name,
-                )
-        self._primary = writable[0]
-        self._primary.state = "up"
-        self._primary.role = "primary"
-        for candidate in self._candidates.values():
-            if candidate is not self._primary and not isinstance(
-                outcome[candidate.name], BaseException
-            ):
-                candidate.role = "replica"
-        self._monitor = HealthMonitor(self)
-        self._monitor.seed(outcome)
+        self._monitor = monitor
         self._lifecycle = _Lifecycle.OPEN
+        # The connecting task's work is one consistency session, shared by reference with
+        # every task it spawns: a write in a child advances the token its parent and
+        # later siblings read with (per-request sessions come from mgr.session() and the
+        # framework middleware).
+        if self._session() is None:
+            _SESSION.set(MappingProxyType({**_SESSION.get(), self._key: _Session()}))
         self._monitor.start()
         logger.info("%s: connected: %s", self.name, ", ".join(f"{n.name}={n.state}" for n in nodes))
 
     async def close(self) -> None:
-        """Stop the health task and close every pool. Idempotent."""
-        if self._lifecycle is _Lifecycle.CLOSED:
+        """Drain and close: stop the health task, let queries finish, close every pool.
+
+        New calls raise ``ClosedError`` at once. Queries in flight get ``close_timeout``
+        seconds to finish; then they are cancelled on the server and raise ``ClosedError``.
+        No node state changes are logged during shutdown. Idempotent; ``connect()`` may
+        reopen the manager afterwards.
+        """
+        if self._lifecycle is _Lifecycle.CLOSING:
+            await self._closed.wait()
             return
-        self._lifecycle = _Lifecycle.CLOSED
-        if self._monitor is not None:
-            await self._monitor.stop()
-        for node in self._all_nodes():
-            await node.pool.close()
+        if self._lifecycle is not _Lifecycle.OPEN:
+            self._lifecycle = _Lifecycle.CLOSED
+            return
+        self._lifecycle = _Lifecycle.CLOSING
+        self._closed = asyncio.Event()
+        try:
+            if self._monitor is not None:
+                await self._monitor.halt()  # no more rounds, no state changes logged
+            await asyncio.gather(*(node.pool.close(self.close_timeout) for node in self._cluster))
+            if self._monitor is not None:
+                await self._monitor.stop()  # probe connections last: cancels may use them
+        finally:
+            self._lifecycle = _Lifecycle.CLOSED
+            self._closed.set()
+        logger.info("%s: closed", self.name)
 
     def _require_open(self) -> None:
         if self._lifecycle is not _Lifecycle.OPEN:
-            state = "closed" if self._lifecycle is _Lifecycle.CLOSED else "not connected"
-            raise ClosedError(
-                f"manager {self.name!r} is {state}: use `async with mgr:` or connect()"
-            )
+            raise self._not_open()
+
+    def _cut_by_close(self, exc: BaseException) -> bool:
+        """True when ``exc`` is close() at work: a pool closed, or a query it cancelled."""
+        if self.is_open:
+            return False
+        return (
+            isinstance(exc, NodeUnavailableError)
+            or self._driver.is_disconnect(exc)
+            or sqlstate_of(exc) == QUERY_CANCELED
+        )
+
+    def _not_open(self) -> ClosedError:
+        state = {
+            _Lifecycle.NEW: "not connected",
+            _Lifecycle.CLOSING: "closing",
+            _Lifecycle.CLOSED: "closed",
+        }.get(self._lifecycle, self._lifecycle.value)
+        return ClosedError(f"manager {self.name!r} is {state}: use `async with mgr:` or connect()")
 
     # ------------------------------------------------------------------ topology
 
+    @property
+    def cluster(self) -> Cluster:
+        """The members, their identity and discovered roles (read it; do not assign)."""
+        return self._cluster
+
+    @property
+    def _primary(self) -> Node | None:
+        return self._cluster.primary
+
     def _all_nodes(self) -> list[Node]:
-        nodes = list(self._candidates.values())
-        nodes.extend(n for n in self._replicas.values() if n not in nodes)
-        return nodes
+        return list(self._cluster)
 
     def _node(self, name: str) -> Node:
-        node = self._replicas.get(name) or self._candidates.get(name)
+        node = self._cluster.get(name)
         if node is None:
             raise ConfigurationError(
-                f"no node named {name!r} (nodes: {[n.name for n in self._all_nodes()]})",
-                option="on",
+                f"no member named {name!r} (members: {self._cluster.names})", option="on"
             )
         return node
 
     def _readers(self) -> list[Node]:
-        """Every node that may serve replica reads: replicas and standby primary candidates."""
-        readers = [n for n in self._replicas.values() if not n.retired]
-        readers.extend(
-            n for n in self._candidates.values() if n is not self._primary and n.role == "replica"
-        )
-        return readers
+        """Every member that may serve replica reads now: the cluster's standbys."""
+        return self._cluster.readers()
 
     def status(self) -> list[NodeStatus]:
-        """Every node's status, without I/O."""
-        return [node.status() for node in self._all_nodes()]
+        """Every member's status, without I/O."""
+        return [node.status() for node in self._cluster]
 
     async def check(self) -> list[NodeStatus]:
-        """Probe every node now (one health round) and return their statuses."""
+        """Probe every member now (one health round) and return their statuses."""
         self._require_open()
         assert self._monitor is not None
         await self._monitor.round()
@@ -576,33 +715,74 @@ class ReplicaManager:
         """Call ``callback(old, new)`` (sync or async) whenever a node changes state."""
         self._callbacks.append(callback)
 
-    async def add_replica(self, dsn: str, name: str | None = None) -> NodeStatus:
-        """Add a replica at run time; it takes reads once its probes are good."""
+    async def add_member(self, dsn: str, name: str | None = None) -> NodeStatus:
+        """Add a member at run time; its role is discovered by its first probe."""
         self._require_open()
         assert self._monitor is not None
-        node_name = name or f"replica-{len(self._replicas) + 1}"
-        while name is None and node_name in self._replicas:
+        node_name = name or f"member-{len(self._cluster) + 1}"
+        while name is None and node_name in self._cluster:
             node_name = f"{node_name}x"
-        if node_name in self._replicas or node_name in self._candidates:
-            raise ConfigurationError(f"add_replica: node {node_name!r} exists", option="name")
-        node = self._make_node(node_name, dsn, "replica", "add_replica")
-        self._replicas[node_name] = node
+        node = self._make_node(node_name, dsn_mod.parse(dsn, option="dsn"), "replica", "dsn")
+        self._cluster.add(node)
         await self._monitor.round(only=[node])
         return node.status()
 
-    async def remove_replica(self, name: str, *, timeout: float = 30.0) -> None:
-        """Stop routing reads to a replica, wait for its in-flight reads, close its pool."""
-        node = self._replicas.get(name)
+    async def add_replica(self, dsn: str, name: str | None = None) -> NodeStatus:
+        """Add a member expected to be a standby (``add_member`` with a replica name)."""
+        if name is None:
+            name = f"replica-{len(self._cluster)}"
+            while name in self._cluster:
+                name = f"{name}x"
+        return await self.add_member(dsn, name)
+
+    async def remove_member(self, name: str, *, timeout: float = 30.0) -> None:
+        """Stop routing to a member, wait for its in-flight queries, close its pool."""
+        node = self._cluster.get(name)
         if node is None:
-            raise ConfigurationError(f"remove_replica: no replica named {name!r}", option="name")
+            raise ConfigurationError(f"remove_member: no member named {name!r}", option="name")
         node.retired = True
         if node.in_flight:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(node.drained(), timeout)
-        del self._replicas[name]
+                async with _timeout(timeout):
+                    await node.drained()
+        self._cluster.remove(name)
         if self._monitor is not None:
             await self._monitor.forget(node)
         await node.pool.close()
+
+    remove_replica = remove_member
+
+    async def _refresh_members(self) -> None:
+        """Apply the member source's view (Patroni): members added, removed, tagged."""
+        source = self._source
+        template = self._template
+        if source is None or template is None:
+            return
+        view = await source.fetch()
+        if view is None:
+            return
+        for member in view.members:
+            node = self._cluster.get(member.name)
+            if node is None:
+                parsed = template.with_address(member.host, member.port)
+                clash = [n for n in self._cluster if n.dsn.address == parsed.address]
+                if clash:  # a static entry for the same server: Patroni's name wins
+                    node = clash[0]
+                else:
+                    node = self._make_node(member.name, parsed, "replica", "patroni")
+                    self._cluster.add(node)
+                    logger.info("%s: member %s added (Patroni)", self.name, node.label)
+            node.read_weight = 0.0 if member.noloadbalance else self._weights.get(node.name, 1.0)
+            node.paused = not member.serving
+        names = {m.name for m in view.members}
+        for node in list(self._cluster):
+            if node.name not in names and node.source == "patroni" and not node.retired:
+                logger.info("%s: member %s left the cluster (Patroni)", self.name, node.label)
+                self._cluster.remove(node.name)
+                if self._monitor is not None:
+                    await self._monitor.forget(node)
+                await node.pool.close()
+        self._switching = view.switching
 
     # ------------------------------------------------------------------ scopes
 
@@ -629,10 +809,10 @@ class ReplicaManager:
         return self._scope(_Route("primary"))
 
     def replica(self, name: str | None = None) -> contextlib.AbstractAsyncContextManager[None]:
-        """Reads inside go to replica ``name`` (or any eligible one); writes raise."""
-        if name is not None and name not in self._replicas:
+        """Reads inside go to standby ``name`` (or any eligible one); writes raise."""
+        if name is not None and name not in self._cluster:
             raise ConfigurationError(
-                f"replica: no replica named {name!r} (replicas: {sorted(self._replicas)})",
+                f"replica: no member named {name!r} (members: {self._cluster.names})",
                 option="name",
             )
         return self._scope(_Route("replica", name))
@@ -653,16 +833,8 @@ class ReplicaManager:
             if not savepoint:
                 yield outer
                 return
-            name = f"areplica_sp_{next(self._sp_counter)}"
-            await self._run_bound(outer, f"SAVEPOINT {name}", None, None)
-            try:
+            async with self._savepoint(outer):
                 yield outer
-            except BaseException:
-                await asyncio.shield(
-                    self._run_bound(outer, f"ROLLBACK TO SAVEPOINT {name}", None, None)
-                )
-                raise
-            await self._run_bound(outer, f"RELEASE SAVEPOINT {name}", None, None)
             return
         route = self._route()
         if route is not None and route.target == "replica":
@@ -674,8 +846,7 @@ class ReplicaManager:
             binding.transaction = True
             token = None
         else:
-            node = self._writable_primary()
-            conn = await self._acquire_for_write(node)
+            node, conn = await self._primary_connection()
             binding = _Binding(node, conn, transaction=True)
             token = _BOUND.set(MappingProxyType({**_BOUND.get(), self._key: binding}))
         try:
@@ -683,8 +854,15 @@ class ReplicaManager:
             try:
                 yield binding
             except BaseException:
-                await asyncio.shield(self._rollback(binding))
+                # A broken binding (a statement was cancelled, the connection failed) is
+                # not rolled back here: it is discarded, and the server aborts the
+                # transaction when the connection closes.
+                if not binding.broken:
+                    await asyncio.shield(self._rollback(binding))
                 raise
+            # A cancellation that lands before this line leaves the transaction
+            # uncommitted. One that lands while COMMIT is in flight cannot unsend it: the
+            # caller gets CancelledError, like a lost acknowledgement.
             await self._run_bound(binding, "COMMIT", None, None)
             if binding.wrote:
                 await self._after_write_bound(binding)
@@ -692,10 +870,53 @@ class ReplicaManager:
             if token is not None:
                 binding.active = False
                 _BOUND.reset(token)
-                await binding.node.pool.release(binding.conn, discard=binding.broken)
+                binding.node.pool.release(binding.conn, discard=binding.broken)
             else:
                 binding.transaction = False
                 binding.wrote = False
+
+    @contextlib.asynccontextmanager
+    async def _savepoint(self, binding: _Binding) -> AsyncIterator[None]:
+        """A nested ``atomic()``: a savepoint that owns the shared connection until it ends.
+
+        Concurrent children each opening a nested ``atomic()`` run one after the other
+        (see ``_Binding``); the block's statements, and those of tasks it spawns, pass.
+        """
+        await self._hold(binding)
+        block = object()
+        previous = binding.exclusive
+        binding.exclusive = block
+        binding.lock.release()
+        chain = _SAVEPOINTS.set((*_SAVEPOINTS.get(), block))
+        name = f"areplica_sp_{next(self._sp_counter)}"
+        ended = False
+        try:
+            await self._run_bound(binding, f"SAVEPOINT {name}", None, None)
+            try:
+                yield
+            except BaseException:
+                # Shielded together with the hand-over, so that no sibling's statement can
+                # slip in between this block's work and its rollback.
+                ended = True
+                await asyncio.shield(self._end_savepoint(binding, name, previous, rollback=True))
+                raise
+            ended = True
+            await self._end_savepoint(binding, name, previous, rollback=False)
+        finally:
+            _SAVEPOINTS.reset(chain)
+            if not ended:  # the SAVEPOINT itself failed or was cancelled
+                binding.end_exclusive(previous)
+
+    async def _end_savepoint(
+        self, binding: _Binding, name: str, previous: object | None, *, rollback: bool
+    ) -> None:
+        try:
+            if not rollback:
+                await self._run_bound(binding, f"RELEASE SAVEPOINT {name}", None, None)
+            elif not binding.broken:
+                await self._run_bound(binding, f"ROLLBACK TO SAVEPOINT {name}", None, None)
+        finally:
+            binding.end_exclusive(previous)
 
     async def _rollback(self, binding: _Binding) -> None:
         try:
@@ -714,8 +935,7 @@ class ReplicaManager:
         if outer is not None:
             yield outer.conn
             return
-        node = self._writable_primary()
-        conn = await self._acquire_for_write(node)
+        node, conn = await self._primary_connection()
         binding = _Binding(node, conn, transaction=False)
         token = _BOUND.set(MappingProxyType({**_BOUND.get(), self._key: binding}))
         try:
@@ -723,7 +943,7 @@ class ReplicaManager:
         finally:
             binding.active = False
             _BOUND.reset(token)
-            await node.pool.release(conn, discard=binding.broken)
+            node.pool.release(conn, discard=binding.broken)
 
     # ------------------------------------------------------------------ consistency sessions
 
@@ -749,14 +969,19 @@ class ReplicaManager:
         """A consistency session, optionally resumed from a token of an earlier one.
 
         Tokens from outside are untrusted: a malformed one is ignored (logged once per
-        ``client``), and one beyond the primary's position is clamped to it (see README).
+        ``client``, in bounded memory, without its text), and one beyond every position
+        known is clamped (see README).
         """
         lsn = None
         if token:
             try:
-                lsn = parse_lsn(token)
+                lsn = parse_lsn(token)  # refuses anything long before looking at it
             except ValueError:
-                self._warn_once(client or token, "ignoring a malformed causal token")
+                self._warn_once(
+                    client,
+                    "malformed",
+                    f"ignoring a malformed causal token ({len(token)} characters)",
+                )
         session = _Session(lsn, external=lsn is not None)
         session.client = client
         reset = _SESSION.set(MappingProxyType({**_SESSION.get(), self._key: session}))
@@ -765,44 +990,45 @@ class ReplicaManager:
         finally:
             _SESSION.reset(reset)
 
-    def _warn_once(self, client: str, message: str) -> None:
-        key = (client, message)
-        if key in self._warned:
-            return
-        if len(self._warned) >= 4096:
-            self._warned.clear()
-        self._warned.add(key)
-        logger.warning("%s: %s (client %.60s)", self.name, message, client)
+    def _warn_once(self, client: str | None, kind: str, message: str) -> None:
+        """Log ``message`` once per (client, kind); bounded memory, keyed by a hash."""
+        if self._warned.should_warn(client, kind):
+            shown = "unknown" if client is None else repr(client[:60])
+            logger.warning("%s: %s (client %s)", self.name, message, shown)
 
     async def _vet_token(self, session: _Session) -> None:
-        """Clamp an external token beyond the primary's position (a forged or absurd one).
+        """Clamp an external token beyond every position known (a forged or absurd one).
 
-        A token at or below the highest position this manager has seen (probes, own
+        A token at or below the highest position any member has shown (probes, own
         writes) is fine. One beyond it may be another process's write that the last probe
-        missed, or garbage: the primary's current position, read now, decides. That read
-        happens once per session, and only for such tokens, whose reads would otherwise go
-        to the primary anyway.
+        missed, or garbage: the primary's current position, read now, decides. When the
+        primary cannot answer, the highest position known from any member does, so a
+        forged token never makes a read fail while standbys answer. This happens once per
+        session, and only for such tokens.
         """
         session.external = False
         lsn = session.lsn
-        primary = self._primary
-        if lsn is None or primary is None:
+        if lsn is None:
             return
-        if primary.lsn is not None and primary.lsn > self._highest_lsn:
-            self._highest_lsn = primary.lsn
+        known = max((n.lsn or 0 for n in self._cluster), default=0)
+        self._highest_lsn = max(self._highest_lsn, known)
         if lsn <= self._highest_lsn:
             return
-        try:
-            row = await self._run_read(primary, _CURRENT_SQL, None, _fetchone_raw, count=False)
-        except Exception:
-            return  # cannot vet it now: routing treats it as any unreached token
-        current = token_position(parse_lsn(row[0]))
+        current = self._highest_lsn
+        primary = self._usable_primary()
+        if primary is not None:
+            try:
+                row = await self._run_read(primary, _CURRENT_SQL, None, _fetchone_raw, count=False)
+                current = max(current, token_position(parse_lsn(row[0])))
+            except Exception:
+                pass  # the highest position known from any member decides
         self._highest_lsn = max(self._highest_lsn, current)
         if lsn > current:
             self._warn_once(
-                session.client or format_lsn(lsn),
-                f"causal token {format_lsn(lsn)} is beyond the primary's position "
-                f"{format_lsn(current)}; clamped",
+                session.client,
+                "clamped",
+                f"a causal token beyond every known WAL position ({format_lsn(current)}) "
+                "was clamped to it",
             )
             session.lsn = current
 
@@ -883,11 +1109,29 @@ class ReplicaManager:
             return await self._run_bound(binding, sql, params, fetch)
         return await self._read(sql, params, fetch, route, max_staleness)
 
+    async def _hold(self, binding: _Binding) -> None:
+        """Take the binding's statement lock once this task may use the connection."""
+        while True:
+            while not binding.allows():
+                await binding.released.wait()
+            await binding.lock.acquire()
+            if binding.allows():
+                return
+            binding.lock.release()
+
     async def _run_bound(
         self, binding: _Binding, sql: str, params: Sequence[Any] | None, fetch: FetchResults | None
     ) -> Any:
         node = binding.node
-        async with binding.lock:
+        await self._hold(binding)
+        try:
+            if binding.broken:
+                raise NodeUnavailableError(
+                    f"{self.name}: the connection of this transaction on {node.label} was lost "
+                    "(a statement was cancelled or failed at the connection level); the "
+                    "transaction is rolled back and nothing more runs on it",
+                    node=node.name,
+                )
             node.in_flight += 1
             try:
                 with peewee.__exception_wrapper__:  # type: ignore[attr-defined]
@@ -899,33 +1143,91 @@ class ReplicaManager:
                     binding.broken = True
                     node.note_error(exc)
                     self._connection_failed(node, exc)
+                if self._cut_by_close(exc):
+                    binding.broken = True
+                    raise self._not_open() from exc
+                raise
+            except BaseException:
+                # Cancelled mid-statement: the connection's state is unknown. It is
+                # cancelled on the server and discarded when the scope ends.
+                binding.broken = True
                 raise
             finally:
                 node.done()
+        finally:
+            binding.lock.release()
 
     # -- writes
 
-    def _writable_primary(self) -> Node:
-        node = self._primary
-        if self._monitor is not None and self._monitor.split_brain:
+    def _usable_primary(self) -> Node | None:
+        node = self._cluster.primary
+        if node is None or node.state != "up" or node.paused or self._cluster.split_brain:
+            return None
+        return node
+
+    async def _primary_connection(self) -> tuple[Node, Any]:
+        """The primary and a connection to it, for a write or a transaction.
+
+        While there is no usable primary, or connecting to it fails (a switchover stops the
+        old primary before the new one is known), wait up to ``primary_wait``. Nothing has
+        been sent at that point, so trying again never sends a write twice.
+        """
+        if self.primary_wait <= 0:
+            node = await self._writable_primary(None)
+            return node, await self._acquire_for_write(node)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.primary_wait
+        while True:
+            node = await self._writable_primary(deadline)
+            try:
+                return node, await self._acquire_for_write(node)
+            except NoPrimaryError:
+                if loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(0.05)
+
+    async def _writable_primary(self, deadline: float | None) -> Node:
+        """The primary for a write; while there is none, wait until ``deadline``."""
+        node = self._usable_primary()
+        if node is not None:
+            return node
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            if self._monitor is not None:
+                self._monitor.wake()
+            while node is None and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+                self._require_open()
+                node = self._usable_primary()
+            if node is not None:
+                return node
+        node = self._cluster.primary
+        if self._cluster.split_brain:
             raise NoPrimaryError(
                 f"{self.name}: more than one node is out of recovery (split brain); "
                 "refusing writes, the write was not sent",
                 node=node.name if node else None,
             )
-        if node is None or node.state != "up":
-            reason = (
-                "no primary is known" if node is None else f"primary {node.label} is {node.state}"
-            )
-            raise NoPrimaryError(
-                f"{self.name}: {reason}; the write was not sent", node=node.name if node else None
-            )
-        return node
+        if node is None:
+            reason = "no primary is known"
+        elif node.paused:
+            reason = f"primary {node.label} is stopping (per its HA manager)"
+        else:
+            reason = f"primary {node.label} is {node.state}"
+        waited = f" after waiting {self.primary_wait:g}s" if self.primary_wait > 0 else ""
+        raise NoPrimaryError(
+            f"{self.name}: {reason}{waited}; the write was not sent",
+            node=node.name if node else None,
+        )
 
     async def _acquire_for_write(self, node: Node) -> Any:
         try:
             return await node.pool.acquire()
         except Exception as exc:
+            if not self.is_open:
+                raise self._not_open() from exc
+            if isinstance(exc, PoolTimeoutError):
+                raise  # load, not a dead primary
             if isinstance(exc, NodeUnavailableError) or self._driver.is_disconnect(exc):
                 node.note_error(exc)
                 self._connection_failed(node, exc)
@@ -939,16 +1241,23 @@ class ReplicaManager:
     async def _write(
         self, sql: str, params: Sequence[Any] | None, fetch: FetchResults | None
     ) -> Any:
-        node = self._writable_primary()
-        conn = await self._acquire_for_write(node)
+        node, conn = await self._primary_connection()
         discard = True
         node.in_flight += 1
         try:
             with peewee.__exception_wrapper__:  # type: ignore[attr-defined]
-                lsn = None
                 async with conn.cursor() as cursor:
                     await cursor.execute(sql, params or ())
-                    result = await fetch(self.database, cursor) if fetch else None
+                    # The statement ran (autocommit: it committed). Whatever the result
+                    # handling does next, the session's token must cover it.
+                    fetch_error: Exception | None = None
+                    result = None
+                    if fetch is not None:
+                        try:
+                            result = await fetch(self.database, cursor)
+                        except Exception as exc:
+                            fetch_error = exc
+                    lsn = None
                     if self.consistency == "causal":
                         # A second statement, after the write's own (autocommit) transaction
                         # ended: the position then covers its commit record. psycopg's
@@ -957,11 +1266,15 @@ class ReplicaManager:
                         await cursor.execute(WAL_POSITION_SQL)
                         row = await cursor.fetchone()
                         lsn = token_position(parse_lsn(row[0]))
+                node.writes += 1
+                self._note_write(lsn)
+                if fetch_error is not None:
+                    raise fetch_error  # inside the wrapper: peewee's error types, as before
             discard = False
-            node.writes += 1
-            self._note_write(lsn)
             return result
         except Exception as exc:
+            if self._cut_by_close(exc):
+                raise self._not_open() from exc
             if self._driver.is_disconnect(exc):
                 node.note_error(exc)
                 self._connection_failed(node, exc)
@@ -975,7 +1288,7 @@ class ReplicaManager:
             raise
         finally:
             node.done()
-            await node.pool.release(conn, discard=discard)
+            node.pool.release(conn, discard=discard)
 
     async def _after_write_bound(self, binding: _Binding) -> None:
         if self.consistency != "causal":
@@ -995,8 +1308,8 @@ class ReplicaManager:
         with_primary: bool = True,
     ) -> list[Node]:
         out = []
-        for node in self._readers():
-            if node.state != "up" or node in exclude or node.weight <= 0:
+        for node in self._cluster.readers():
+            if node.state != "up" or node in exclude or node.weight <= 0 or node.paused:
                 continue
             if max_staleness is not None and (
                 node.lag_seconds is None or node.lag_seconds > max_staleness
@@ -1005,17 +1318,22 @@ class ReplicaManager:
             if min_lsn is not None and (node.lsn is None or node.lsn < min_lsn):
                 continue
             out.append(node)
-        primary = self._primary
+        primary = self._cluster.primary
         if (
             with_primary
             and self.primary_weight > 0
             and primary is not None
             and primary.state == "up"
+            and not primary.paused
             and primary not in exclude
         ):
-            # The primary as one more reader (always caught up), at its own weight.
-            primary.weight = self.primary_weight
-            out.append(primary)
+            out.append(primary)  # one more reader, always caught up, at primary_weight
+        if len(out) > 1:
+            # A node whose every connection is taken (load, or queries stuck on a hung
+            # server) makes a read wait; spill to one with room when there is one.
+            free = [node for node in out if not node.pool.saturated]
+            if free and len(free) < len(out):
+                return free
         return out
 
     def _read_target(
@@ -1029,7 +1347,7 @@ class ReplicaManager:
         if route is not None and route.target == "primary":
             return self._readable_primary()
         if route is not None and route.name is not None:
-            node = self._replicas.get(route.name)
+            node = self._cluster.get(route.name)
             if node is None or node.retired or node.state == "down" or node in exclude:
                 state = "removed" if node is None or node.retired else node.state
                 raise NodeUnavailableError(
@@ -1069,7 +1387,7 @@ class ReplicaManager:
         return self._readable_primary()
 
     def _readable_primary(self) -> Node:
-        node = self._primary
+        node = self._cluster.primary
         if node is None or node.state != "up":
             reason = (
                 "no primary is known" if node is None else f"primary {node.label} is {node.state}"
@@ -1090,14 +1408,26 @@ class ReplicaManager:
         session = self._session()
         if session is not None and session.external and self.consistency == "causal":
             await self._vet_token(session)
+        deadline: float | None = None
         while True:
             try:
                 node = self._read_target(route, tried, max_staleness, session)
             except _CatchUp as wait:
                 node = await self._catch_up(wait.nodes, wait.lsn) or self._fallback(route)
+            if node.pool.saturated and (route is None or route.name is None):
+                # Every eligible node is busy (the choice prefers one with room): wait for
+                # a connection to free up on any of them, then choose again, rather than
+                # queue behind one node whose queries may be stuck on a hung server.
+                loop = asyncio.get_running_loop()
+                if deadline is None and self.pool_timeout is not None:
+                    deadline = loop.time() + self.pool_timeout
+                if await self._wait_for_a_slot(deadline):
+                    continue
             try:
                 return await self._run_read(node, sql, params, fetch)
             except Exception as exc:
+                if self._cut_by_close(exc):
+                    raise self._not_open() from exc
                 if node is not self._primary and self._driver.is_read_only_violation(exc):
                     logger.warning(
                         "%s: replica %s refused a query classified as a read (SQLSTATE 25006); "
@@ -1107,12 +1437,15 @@ class ReplicaManager:
                         sql,
                     )
                     return await self._write(sql, params, fetch)
-                retry = self._driver.is_disconnect(exc) or isinstance(exc, NodeUnavailableError)
-                if retry:
+                if isinstance(exc, (ReadTimeoutError, PoolTimeoutError)):
+                    # A slow query or a busy pool: try elsewhere, but the node is not down.
+                    retry = True
+                elif self._driver.is_disconnect(exc) or isinstance(exc, NodeUnavailableError):
+                    retry = True
                     node.note_error(exc)
                     self._connection_failed(node, exc)
-                elif self._driver.is_recovery_conflict(exc) and node is not self._primary:
-                    retry = True
+                else:
+                    retry = self._driver.is_recovery_conflict(exc) and node is not self._primary
                 if not retry or attempt >= self.read_retries or (route is not None and route.name):
                     raise
                 attempt += 1
@@ -1125,15 +1458,42 @@ class ReplicaManager:
                     type(exc).__name__,
                 )
 
+    def _slot_freed(self) -> None:
+        event, self._slot_event = self._slot_event, None
+        if event is not None:
+            event.set()
+
+    async def _wait_for_a_slot(self, deadline: float | None) -> bool:
+        """Wait until some pool frees a slot; False when ``deadline`` passed first."""
+        loop = asyncio.get_running_loop()
+        remaining = None if deadline is None else deadline - loop.time()
+        if remaining is not None and remaining <= 0:
+            return False  # acquire on the chosen node, and let its pool_timeout decide
+        if self._slot_event is None:
+            self._slot_event = asyncio.Event()
+        event = self._slot_event
+        try:
+            async with _timeout(remaining):
+                await event.wait()
+        except asyncio.TimeoutError:
+            return False
+        self._require_open()
+        return True
+
     async def _catch_up(self, nodes: list[Node], lsn: int) -> Node | None:
         """Poll the replicas' replay positions until one reaches ``lsn`` or ``causal_wait``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.causal_wait
         delay = 0.001  # replication on a LAN takes about a millisecond: look again soon
         while True:
-            positions = await asyncio.gather(
-                *(self._replay_position(node) for node in nodes), return_exceptions=True
-            )
+            try:
+                # Bounded by causal_wait: a hung replica must not hold the read longer.
+                async with _timeout(max(deadline - loop.time(), 0.001)):
+                    positions = await asyncio.gather(
+                        *(self._replay_position(node) for node in nodes), return_exceptions=True
+                    )
+            except asyncio.TimeoutError:
+                return None
             ready = [
                 node
                 for node, position in zip(nodes, positions, strict=True)
@@ -1169,27 +1529,39 @@ class ReplicaManager:
         pool = node.pool
         discard = True
         try:
-            async with _timeout(self.read_timeout):
-                conn = await pool.acquire()
-                with peewee.__exception_wrapper__:  # type: ignore[attr-defined]
-                    async with conn.cursor() as cursor:
-                        await cursor.execute(sql, params or ())
-                        result = await fetch(self.database, cursor) if fetch else None
+            # The pool wait has its own bound (pool_timeout); read_timeout bounds the query.
+            conn = await pool.acquire()
+            try:
+                async with _timeout(self.read_timeout):
+                    with peewee.__exception_wrapper__:  # type: ignore[attr-defined]
+                        async with conn.cursor() as cursor:
+                            await cursor.execute(sql, params or ())
+                            result = await fetch(self.database, cursor) if fetch else None
+            except asyncio.TimeoutError as exc:
+                raise ReadTimeoutError(
+                    f"{self.name}: a read on {node.label} ran longer than read_timeout "
+                    f"({self.read_timeout:g}s); cancelled on the server",
+                    node=node.name,
+                    timeout=self.read_timeout,
+                ) from exc
             discard = False
             if count:
                 node.reads += 1
             return result
         except Exception as exc:
-            discard = self._driver.is_disconnect(exc)
+            # A SQL error leaves the connection idle and usable; anything else (a broken
+            # connection, a timeout) retires it. So does a cancellation (BaseException):
+            # the pool cancels the query on the server before closing the connection.
+            discard = isinstance(exc, ReadTimeoutError) or self._driver.is_disconnect(exc)
             raise
         finally:
             node.done()
             if conn is not None:
-                await pool.release(conn, discard=discard)
+                pool.release(conn, discard=discard)
 
     def _connection_failed(self, node: Node, exc: BaseException) -> None:
         """Passive detection: a connection-level failure takes the node down at once."""
-        if self._monitor is not None:
+        if self._monitor is not None and self.is_open:
             self._monitor.connection_failed(node, exc)
 
     # ------------------------------------------------------------------ public query API
@@ -1406,16 +1778,13 @@ class ReplicaManager:
 # ---------------------------------------------------------------------- helpers
 
 
-def _split_dsns(text: str) -> list[str]:
-    return [part.strip() for part in text.replace("\n", ";").split(";") if part.strip()]
-
-
 def _coerce_env(option: str, raw: str, default: Any) -> Any:
     text = raw.strip()
     if text.lower() in ("none", "null", "") and option in (
         "max_lag",
         "max_lag_bytes",
         "read_timeout",
+        "pool_timeout",
         "slow_factor",
     ):
         return None
@@ -1447,12 +1816,11 @@ def _on_route(on: str, mgr: ReplicaManager) -> _Route:
         return _Route("primary")
     if on == "replica":
         return _Route("replica")
-    if on in mgr._replicas:
-        return _Route("replica", on)
-    if on in mgr._candidates:
-        return _Route("primary")
+    node = mgr.cluster.get(on)
+    if node is not None:
+        return _Route("primary") if node is mgr.cluster.primary else _Route("replica", on)
     raise ConfigurationError(
-        f"on: expected 'primary', 'replica' or a replica name {sorted(mgr._replicas)}, got {on!r}",
+        f"on: expected 'primary', 'replica' or a member name {mgr.cluster.names}, got {on!r}",
         option="on",
     )
 

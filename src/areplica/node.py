@@ -12,20 +12,24 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Coroutine
+import urllib.parse
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ._compat import timeout
 from .consistency import format_lsn
 from .drivers import Driver
-from .dsn import NodeDSN
-from .errors import NodeUnavailableError
+from .dsn import MASK, NodeDSN, mask_dsn
+from .errors import NodeUnavailableError, PoolTimeoutError
 
 __all__ = ["Node", "NodePool", "NodeStatus", "Role", "State"]
 
 logger = logging.getLogger("areplica")
 
 Role = Literal["primary", "replica"]
+#: Cancels a backend's query by pid (``pg_cancel_backend`` over a control connection).
+Canceller = Callable[[int, float], Awaitable[None]]
 State = Literal["up", "lagging", "down"]
 
 
@@ -57,18 +61,51 @@ class NodeStatus:
 
 
 class NodePool:
-    """A bounded pool of driver connections to one node."""
+    """A bounded pool of driver connections to one node, and their one owner.
 
-    def __init__(self, name: str, driver: Driver, conninfo: str, *, size: int, timeout: float):
+    Every connection areplica opens for queries lives and dies here, so its life has one
+    shape whatever path used it (a read, a write, a transaction):
+
+    - ``acquire()`` waits at most ``wait_timeout`` for a free slot (``PoolTimeoutError``:
+      load, not a dead node), then reuses an idle connection or opens one.
+    - ``put_back()``/``release()`` returns it; one that is broken, discarded, not idle, or
+      still running a query is retired instead: the query is cancelled on the server (a
+      PostgreSQL cancel request) and the connection closed exactly once. Its slot is freed
+      only after that, so the server never sees more than ``size`` backends of this pool.
+    - ``close(grace)`` closes idle connections at once, lets in-use ones finish for
+      ``grace`` seconds, then cancels their queries on the server; their owners then retire
+      them. A connection another task still uses is never closed under it (psycopg crashes
+      when it is).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        driver: Driver,
+        conninfo: str,
+        *,
+        size: int,
+        timeout: float,
+        wait_timeout: float | None = None,
+        cancel_timeout: float = 2.0,
+        canceller: Canceller | None = None,
+    ):
         self.name = name
         self._driver = driver
         self._conninfo = conninfo
         self.size = size
         self.connect_timeout = timeout
+        self.wait_timeout = wait_timeout
+        self.cancel_timeout = cancel_timeout
+        self.canceller = canceller
+        #: Called whenever a slot frees up (the manager wakes reads waiting for any node).
+        self.on_slot_free: Callable[[], None] | None = None
         self._idle: collections.deque[Any] = collections.deque()
         self._in_use: set[Any] = set()
         self._slots = asyncio.Semaphore(size)
         self._closed = False
+        self._returned: asyncio.Event | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"<NodePool {self.name} in_use={len(self._in_use)} idle={len(self._idle)}>"
@@ -81,20 +118,35 @@ class NodePool:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def saturated(self) -> bool:
+        """True when every slot is taken: an acquire would wait."""
+        return self._slots.locked()
+
     async def acquire(self) -> Any:
         """A connection, opened now if no idle one is left; raises on a dead server."""
         if self._closed:
             raise NodeUnavailableError(f"node {self.name!r}: pool is closed", node=self.name)
-        await self._slots.acquire()
+        try:
+            async with timeout(self.wait_timeout):
+                await self._slots.acquire()
+        except asyncio.TimeoutError:
+            raise PoolTimeoutError(
+                f"node {self.name!r}: all {self.size} connections stayed busy for "
+                f"{self.wait_timeout:g}s (pool_timeout); nothing was sent",
+                node=self.name,
+                timeout=self.wait_timeout,
+            ) from None
         try:
             while self._idle:
                 conn = self._idle.pop()
                 if not self._driver.is_closed(conn):
                     self._in_use.add(conn)
                     return conn
+                await self._driver.close(conn)
             conn = await self._driver.connect(self._conninfo, self.connect_timeout)
             if self._closed:  # closed while we were connecting: do not leak it
-                await self._driver.close(conn)
+                await asyncio.shield(self._driver.close(conn))
                 raise NodeUnavailableError(f"node {self.name!r}: pool is closed", node=self.name)
             self._in_use.add(conn)
             return conn
@@ -103,56 +155,112 @@ class NodePool:
             raise
 
     def put_back(self, conn: Any, *, discard: bool = False) -> Coroutine[Any, Any, None] | None:
-        """Give a connection back without awaiting; returns the close to await, if any.
+        """Give a connection back without awaiting; returns the retirement to await, if any.
 
-        A healthy connection goes back to the idle queue and its slot is freed at once, so
-        the hot path needs no task (``asyncio.shield`` of a coroutine creates one, two event
-        loop passes per query). A broken, busy or discarded connection must be closed: the
-        caller awaits (and shields) the returned coroutine.
+        A healthy idle connection goes back to the idle queue and its slot is freed at once,
+        so the hot path needs no task (``asyncio.shield`` of a coroutine creates one, two
+        event loop passes per query). Any other must be retired: the caller awaits (and
+        shields) the returned coroutine.
         """
         if conn not in self._in_use:
             return None
         self._in_use.discard(conn)
-        self._slots.release()
         if (
             discard
             or self._closed
             or self._driver.is_closed(conn)
             or not self._driver.is_idle(conn)
         ):
-            return self._close_quietly(conn)
+            return self._retire(conn)
         self._idle.append(conn)
+        self._free_slot()
         return None
 
-    async def _close_quietly(self, conn: Any) -> None:
+    async def cancel(self, conn: Any) -> None:
+        """Cancel the query running on ``conn`` on the server (bounded; never raises)."""
+        if not self._driver.is_busy(conn):
+            return
+        if self._driver.cancel is not None:
+            await self._driver.cancel(conn, self.cancel_timeout)
+            return
+        pid = self._driver.backend_pid(conn)
+        if pid is None or self.canceller is None:
+            return
         with contextlib.suppress(Exception):
-            await self._driver.close(conn)
+            async with timeout(self.cancel_timeout):
+                await self.canceller(pid, self.cancel_timeout)
+                # Wait for the cancelled statement's error to come back (the driver's reader
+                # consumes it): the backend is idle then and exits as soon as we close.
+                delay = 0.001
+                while self._driver.is_busy(conn):
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.05)
 
-    async def release(self, conn: Any, *, discard: bool = False) -> None:
-        """Give a connection back; a broken, busy or discarded one is closed instead."""
-        closing = self.put_back(conn, discard=discard)
-        if closing is not None:
-            await asyncio.shield(closing)
-
-    @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[Any]:
-        """Acquire and release around a block; an error inside discards the connection."""
-        conn = await self.acquire()
-        discard = True
+    async def _retire(self, conn: Any) -> None:
+        """Cancel what still runs on the server, close once, then free the slot."""
         try:
-            yield conn
-            discard = False
-        finally:
-            await self.release(conn, discard=discard)
-
-    async def close(self) -> None:
-        """Close idle connections now and in-use ones (they are closed, not returned)."""
-        self._closed = True
-        conns = list(self._idle) + list(self._in_use)
-        self._idle.clear()
-        for conn in conns:
+            await self.cancel(conn)
             with contextlib.suppress(Exception):
                 await self._driver.close(conn)
+        finally:
+            self._free_slot()
+
+    def _free_slot(self) -> None:
+        self._slots.release()
+        self._note_returned()
+        if self.on_slot_free is not None:
+            self.on_slot_free()
+
+    def _note_returned(self) -> None:
+        if not self._in_use and self._returned is not None:
+            self._returned.set()
+
+    def release(self, conn: Any, *, discard: bool = False) -> None:
+        """Give a connection back; a broken, busy or discarded one is retired in the background.
+
+        The caller does not wait for the retirement (a cancel request to a hung server may
+        take ``cancel_timeout``): a read goes on to its retry at once. The slot stays taken
+        until the retirement ends, and ``close()`` waits for every retirement.
+        """
+        retiring = self.put_back(conn, discard=discard)
+        if retiring is not None:
+            task = asyncio.get_running_loop().create_task(retiring, name=f"{self.name}-retire")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    async def close(self, grace: float | None = None) -> None:
+        """Close idle connections now; with ``grace``, drain the in-use ones.
+
+        ``grace=None`` (an evicted node's old pool) leaves in-use connections to their
+        owners, who retire them as they come back. With a number, queries still running
+        after ``grace`` seconds are cancelled on the server; their owners then see the
+        error and hand the connections back, and this waits for that (bounded).
+        """
+        self._closed = True
+        idle = list(self._idle)
+        self._idle.clear()
+        for conn in idle:
+            with contextlib.suppress(Exception):
+                await self._driver.close(conn)
+        if grace is not None and self._in_use and not await self._wait_returned(grace):
+            await asyncio.gather(*(self.cancel(conn) for conn in list(self._in_use)))
+            if not await self._wait_returned(self.cancel_timeout + 1.0):
+                logger.warning(
+                    "%s: %d connection(s) still in use after close; their owners close them",
+                    self.name,
+                    len(self._in_use),
+                )
+        while self._retiring:
+            await asyncio.gather(*list(self._retiring), return_exceptions=True)
+
+    async def _wait_returned(self, delay: float) -> bool:
+        if not self._in_use:
+            return True
+        self._returned = asyncio.Event()
+        with contextlib.suppress(asyncio.TimeoutError):
+            async with timeout(delay):
+                await self._returned.wait()
+        return not self._in_use
 
 
 class Node:
@@ -167,6 +275,7 @@ class Node:
         driver: Driver,
         pool_size: int,
         connect_timeout: float,
+        pool_timeout: float | None = None,
         weight: float = 1.0,
     ) -> None:
         self.name = name
@@ -175,11 +284,18 @@ class Node:
         self.driver = driver
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
-        self.weight = weight
+        self.pool_timeout = pool_timeout
+        #: Read weight as a standby (``weights``); 0 takes no reads (``noloadbalance``).
+        self.read_weight = weight
+        #: Read weight while it is the primary (``primary_weight``; 0: no reads).
+        self.primary_weight = 0.0
         self.state: State = "down"
-        self.pool = NodePool(name, driver, dsn.conninfo, size=pool_size, timeout=connect_timeout)
+        self.pool = self._new_pool()
         # Observed by probes.
         self.in_recovery: bool | None = None
+        self.system_id: int | None = None
+        self.timeline: int | None = None
+        self.server: tuple[int, float, int] | None = None
         self.lsn: int | None = None
         self.lag_bytes: int | None = None
         self.lag_seconds: float | None = None
@@ -193,10 +309,23 @@ class Node:
         self.errors = 0
         self.evictions = 0
         self.retired = False
+        #: How the pool cancels a query when the driver has no safe cancel of its own.
+        self.canceller: Canceller | None = None
+        #: Called when a connection slot of this node frees up.
+        self.on_slot_free: Callable[[], None] | None = None
+        #: An HA manager says it is stopping or demoting: it takes no new queries.
+        self.paused = False
+        #: Where the member came from: "primary"/"replicas"/"members"/"dsn"/"patroni".
+        self.source = "members"
         self._drained: asyncio.Event | None = None
 
     def __repr__(self) -> str:
         return f"<Node {self.name} {self.role} {self.state} {self.dsn.masked!r}>"
+
+    @property
+    def weight(self) -> float:
+        """The node's weight for the load-balancing policy in its current role."""
+        return self.primary_weight if self.role == "primary" else self.read_weight
 
     @property
     def label(self) -> str:
@@ -216,16 +345,33 @@ class Node:
         self._drained = asyncio.Event()
         await self._drained.wait()
 
-    def reset_pool(self) -> NodePool:
-        """Swap in a fresh pool (readmission); the caller closes the old one."""
-        old = self.pool
-        self.pool = NodePool(
+    def _new_pool(self) -> NodePool:
+        pool = NodePool(
             self.name,
             self.driver,
             self.dsn.conninfo,
             size=self.pool_size,
             timeout=self.connect_timeout,
+            wait_timeout=self.pool_timeout,
+            # A cancel request is a control round trip: bounded like a probe.
+            cancel_timeout=self.connect_timeout,
+            canceller=self._cancel_backend,
         )
+        pool.on_slot_free = self._slot_free
+        return pool
+
+    def _slot_free(self) -> None:
+        if self.on_slot_free is not None:
+            self.on_slot_free()
+
+    async def _cancel_backend(self, pid: int, timeout: float) -> None:
+        if self.canceller is not None:
+            await self.canceller(pid, timeout)
+
+    def reset_pool(self) -> NodePool:
+        """Swap in a fresh pool (eviction, reopen); the caller closes the old one."""
+        old = self.pool
+        self.pool = self._new_pool()
         return old
 
     def status(self) -> NodeStatus:
@@ -252,8 +398,9 @@ class Node:
     def note_error(self, exc: BaseException) -> None:
         """Remember the last error (its text never carries a password: DSNs are masked)."""
         self.errors += 1
-        text = f"{type(exc).__name__}: {exc}".strip()
+        text = f"{type(exc).__name__}: {exc}".strip()[:2000]
         password = self.dsn.password
-        if password:
-            text = text.replace(password, "***")
-        self.last_error = text[:300]
+        if password:  # the password itself first, in the forms a driver may echo it
+            for form in {password, urllib.parse.quote(password, safe=""), repr(password)[1:-1]}:
+                text = text.replace(form, MASK)
+        self.last_error = mask_dsn(text)[:300]

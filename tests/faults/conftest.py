@@ -66,10 +66,13 @@ class Load:
     tag: str = "load"
 
     async def _reader(self) -> None:
+        # Each reader is its own client (a request handler would be): its own session, not
+        # the writer's (tasks spawned from the connecting task share its session).
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                rows = await self.mgr.execute_sql("SELECT inet_server_port()")
+                async with self.mgr.session():
+                    rows = await self.mgr.execute_sql("SELECT inet_server_port()")
                 assert rows is not None
                 self.reads.append((started, int(rows[0][0])))
             except Exception as exc:

@@ -109,28 +109,32 @@ async def test_primary_stopped_and_replica_promoted(own_topo: LocalTopology) -> 
     await mgr.close()
 
 
-async def test_promotion_while_old_primary_is_up_refuses_writes(
+async def test_promotion_while_old_primary_is_up_follows_the_newer_timeline(
     own_topo: LocalTopology, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="areplica")
+    """A standby promoted while the old primary still runs: the newer timeline wins.
+
+    The old primary (timeline 1) is a former primary that was not demoted yet: it takes no
+    write and no read. Two members on the same highest timeline would be a split brain
+    (tests/unit/test_cluster.py).
+    """
+    caplog.set_level(logging.WARNING, logger="areplica")
     mgr = fault_manager(own_topo)
     await mgr.connect()
     await mgr.execute_sql("INSERT INTO fault_log (tag) VALUES ('before')")
     await asyncio.to_thread(own_topo.promote, "replica-2")
 
-    async def refused() -> bool:
-        try:
-            await mgr.execute_sql("INSERT INTO fault_log (tag) VALUES ('split')")
-        except NoPrimaryError:
-            return True
-        return False
+    async def followed() -> bool:
+        rows = await mgr.execute_sql(
+            "INSERT INTO fault_log (tag) VALUES ('after') RETURNING inet_server_port()"
+        )
+        return rows == [(own_topo.port("replica-2"),)]
 
-    await wait_for(refused, timeout=FOLLOW_BOUND)
+    await wait_for(followed, timeout=FOLLOW_BOUND)
     for _ in range(5):
-        with pytest.raises(NoPrimaryError):
-            await mgr.execute_sql("INSERT INTO fault_log (tag) VALUES ('split')")
-    assert "split brain" in caplog.text
-    # Reads still work (on the remaining standby or the old primary? never the rogue one).
-    rows = await mgr.execute_sql("SELECT inet_server_port()")
-    assert rows is not None and rows[0][0] != own_topo.port("replica-2")
+        rows = await mgr.execute_sql("SELECT pg_is_in_recovery(), inet_server_port()")
+        assert rows is not None and rows[0][1] != own_topo.port("primary")
+    assert "behind the primary's" in caplog.text and "split brain" not in caplog.text
+    status = {s.name: s for s in mgr.status()}
+    assert status["replica-2"].role == "primary" and status["primary"].state == "down"
     await mgr.close()

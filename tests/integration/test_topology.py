@@ -204,11 +204,19 @@ def test_find_pg_bin_order_and_errors(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root runs servers as another user")
-def test_root_without_service_user(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_root_without_service_user_and_no_way_to_create_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No such user and no useradd: one line saying what to do, nothing left behind.
+
+    (tests/integration/test_running_as_root.py covers the user being created.)
+    """
     monkeypatch.setenv("AREPLICA_PG_USER", "no-such-user-areplica")
+    monkeypatch.setattr(topology_module, "_useradd", lambda: None)
     before = set(Path(tempfile.gettempdir()).glob("areplica-*"))
-    with pytest.raises(RuntimeError, match="no-such-user-areplica"):
+    with pytest.raises(topology_module.SetupError, match="no-such-user-areplica") as info:
         LocalTopology(replicas=0).start()
+    assert "AREPLICA_PG_USER" in str(info.value) and "\n" not in str(info.value)
     assert set(Path(tempfile.gettempdir()).glob("areplica-*")) == before
 
 

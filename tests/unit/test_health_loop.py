@@ -7,16 +7,29 @@ import logging
 
 import pytest
 
-from areplica import ReplicaManager
-from areplica.health import HealthMonitor
+from areplica.cluster import Cluster
+from areplica.health import HealthMonitor, HealthSettings
+
+
+def monitor_for(name: str, interval: float = 1.0, timeout: float = 2.0) -> HealthMonitor:
+    settings = HealthSettings(
+        name=name,
+        interval=interval,
+        timeout=timeout,
+        fail_after=3,
+        recover_after=2,
+        max_lag=None,
+        max_lag_bytes=None,
+        slow_factor=None,
+    )
+    return HealthMonitor(Cluster(name), settings, [])
 
 
 async def test_a_failing_round_is_logged_and_the_loop_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.ERROR, logger="areplica")
-    mgr = ReplicaManager("postgresql://u@127.0.0.1:1/db", name="loop", health_interval=0.01)
-    monitor = HealthMonitor(mgr)
+    monitor = monitor_for("loop", interval=0.01)
     calls = 0
 
     async def flaky_round(only: object = None) -> None:
@@ -38,8 +51,7 @@ async def test_a_failing_round_is_logged_and_the_loop_goes_on(
 
 
 async def test_stop_cancels_a_stuck_round() -> None:
-    mgr = ReplicaManager("postgresql://u@127.0.0.1:1/db", name="stuck", health_timeout=0.1)
-    monitor = HealthMonitor(mgr)
+    monitor = monitor_for("stuck", timeout=0.1)
     entered = asyncio.Event()
 
     async def stuck_round(only: object = None) -> None:

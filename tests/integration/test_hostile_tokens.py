@@ -1,0 +1,113 @@
+"""Hostile tokens on the real topology: bounded memory, and no read fails because of one."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from areplica import ReplicaManager
+from areplica.contrib.fastapi import AreplicaMiddleware
+from areplica.testing.topology import LocalTopology
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        pages = int(statm.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.fixture(scope="module")
+def own_topology() -> Iterator[LocalTopology]:
+    """A private topology: these tests stop its primary."""
+    with LocalTopology(replicas=2) as topology:
+        yield topology
+
+
+def manager_of(topology: LocalTopology, **options: Any) -> ReplicaManager:
+    replicas = {n: topology.dsn(n) for n in topology.nodes if n != "primary"}
+    options.setdefault("health_interval", 0.2)
+    options.setdefault("health_timeout", 1.0)
+    return ReplicaManager(topology.dsn("primary"), replicas, **options)
+
+
+async def test_megabyte_tokens_through_the_middleware_keep_memory_bounded(
+    own_topology: LocalTopology, caplog: pytest.LogCaptureFixture
+) -> None:
+    """1,000 requests with 1 MB malformed tokens and no client address: RSS grows < 20 MB."""
+    caplog.set_level(logging.WARNING, logger="areplica")
+    ports: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        rows = await mgr.execute_sql("SELECT inet_server_port()")
+        assert rows is not None
+        ports.append(rows[0][0])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message["type"])
+
+    async with manager_of(own_topology) as mgr:
+        middleware = AreplicaMiddleware(app, mgr)
+
+        async def request(i: int) -> None:
+            token = (f"{i:08X}/" + "Z" * (1 << 20)).encode("latin-1")
+            scope = {"type": "http", "headers": [(b"x-areplica-token", token)], "client": None}
+            await middleware(scope, receive, send)
+
+        for i in range(50):  # warm up: pools, caches, allocator arenas
+            await request(i)
+        gc.collect()
+        before = rss_mb()
+        for i in range(1000):
+            await request(i)
+        gc.collect()
+        grown = rss_mb() - before
+        print(f"RSS grew {grown:.1f} MB over 1,000 requests with 1 MB tokens")
+        assert grown < 20
+        assert len(ports) == 1050 and set(ports) <= {
+            own_topology.port("replica-1"),
+            own_topology.port("replica-2"),
+        }
+        assert caplog.text.count("malformed") == 1  # once for the anonymous client
+        assert "ZZZZ" not in caplog.text
+
+
+async def test_forged_token_with_the_primary_down_fails_no_read(
+    own_topology: LocalTopology, driver: str
+) -> None:
+    """A far-future token is clamped to the highest position any member showed."""
+    replicas = {own_topology.port("replica-1"), own_topology.port("replica-2")}
+    async with manager_of(own_topology, driver=driver, fail_after=1) as mgr:
+        own_topology.stop("primary")
+        try:
+            await wait_for(lambda: mgr.status()[0].state == "down", 15)
+            failures: list[BaseException] = []
+            served = set()
+            for token in ("FFFFFFFF/FFFFFFFF", "7FFFFFFF/0", "FFFF/FFFF"):
+                for _ in range(20):
+                    async with mgr.session(token, client="203.0.113.9"):
+                        try:
+                            rows = await mgr.execute_sql("SELECT inet_server_port()")
+                            assert rows is not None
+                            served.add(rows[0][0])
+                        except Exception as exc:
+                            failures.append(exc)
+            assert failures == []
+            assert served <= replicas
+        finally:
+            own_topology.start_node("primary")
+            await wait_for(lambda: mgr.status()[0].state == "up", 30)
