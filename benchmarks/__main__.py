@@ -1,7 +1,12 @@
 """``python -m benchmarks [--quick] [--only 1,3]``: run the scenarios, write and print results.
 
 Everything started is stopped and removed at the end, also on an exception, Ctrl-C or
-SIGTERM: topologies are closed, Pgpool-II is stopped by its pid, temporary folders go.
+SIGTERM: topologies (and scenario 7's Patroni cluster) are closed, Pgpool-II and HAProxy are
+stopped by their pids, temporary folders go.
+
+A run with ``--only`` updates its scenarios in the results folder and keeps the others'
+results from earlier runs (``meta.updated`` says which scenarios came from which run);
+``--replace`` writes only the scenarios run.
 """
 
 from __future__ import annotations
@@ -24,7 +29,15 @@ from typing import Any
 
 from areplica.testing import LocalTopology
 
-from . import report, s1_overhead, s2_scaling, s3_pgpool, s4_faults, s5_consistency
+from . import (
+    report,
+    s1_overhead,
+    s2_scaling,
+    s3_pgpool,
+    s4_faults,
+    s5_consistency,
+    s7_haproxy,
+)
 from .common import Context, Settings, create_schema, machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -36,6 +49,7 @@ SCENARIOS: list[tuple[str, str, Scenario]] = [
     ("3_pgpool", "3. Pgpool-II peer", s3_pgpool.run),
     ("4_faults", "4. Faults", s4_faults.run),
     ("5_consistency", "5. Consistency cost (and 6. drivers)", s5_consistency.run),
+    ("7_haproxy", "7. HAProxy + Patroni peer", s7_haproxy.run),
 ]
 
 
@@ -102,6 +116,49 @@ async def run_all(settings: Settings, only: set[str], log: _Log) -> dict[str, An
     return results
 
 
+def _merge(previous: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+    """The earlier results with the scenarios of this (partial) run put in their place.
+
+    Everything else of the earlier run (its meta, machine, other scenarios) stays; what this
+    run was (command, date, duration, load) is kept per scenario in ``meta.updated``.
+    """
+    order = {key: index for index, (key, _, _) in enumerate(SCENARIOS)}
+    scenarios = {**previous.get("scenarios", {}), **results["scenarios"]}
+    merged = dict(previous)
+    merged["scenarios"] = dict(
+        sorted(scenarios.items(), key=lambda item: order.get(item[0], len(order)))
+    )
+    meta = dict(previous.get("meta", {}))
+    updated = dict(meta.get("updated", {}))
+    new = results["meta"]
+    machine = results.get("machine", {})
+    for key in results["scenarios"]:
+        updated[key] = {
+            "command": new.get("command"),
+            "quick": new.get("quick"),
+            "date": machine.get("date"),
+            "areplica_commit": machine.get("areplica_commit"),
+            "python": machine.get("python"),
+            "seconds": new.get("seconds"),
+            "loadavg_before": new.get("loadavg_before"),
+            "loadavg_after": new.get("loadavg_after"),
+        }
+    meta["updated"] = dict(sorted(updated.items(), key=lambda i: order.get(i[0], len(order))))
+    merged["meta"] = meta
+    return merged
+
+
+def _previous(path: Path) -> dict[str, Any] | None:
+    """The results a partial run updates, or None when there are none (or unreadable)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("scenarios"), dict):
+        return None
+    return data
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -114,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--out", type=Path, default=RESULTS, help=f"results folder (default: {RESULTS})"
+    )
+    parser.add_argument(
+        "--replace",
+        action="store_true",
+        help="with --only: write only the scenarios run (default: keep the others' results)",
     )
     args = parser.parse_args(argv)
     only = {part.strip() for part in args.only.split(",") if part.strip()}
@@ -131,9 +193,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     results["meta"]["seconds"] = round(time.monotonic() - began, 1)
     results["meta"]["loadavg_after"] = list(os.getloadavg())
-    results["meta"]["command"] = "python -m benchmarks" + (" --quick" if args.quick else "")
+    results["meta"]["command"] = (
+        "python -m benchmarks"
+        + (" --quick" if args.quick else "")
+        + (f" --only {','.join(sorted(only))}" if only else "")
+    )
     if only:
         results["meta"]["only"] = sorted(only)
+        previous = None if args.replace else _previous(args.out / "latest.json")
+        if previous is not None:
+            results = _merge(previous, results)
     results["goals"] = report.goals(results)
     text = report.markdown(results)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -74,6 +74,16 @@ class Settings:
     s5_concurrency: int
     s5_write_seconds: float
     s5_mixed_seconds: float
+    # 7: HAProxy + Patroni (read load, then planned switchovers under 30 readers + 1 writer)
+    s7_rounds: int
+    s7_pool_size: int
+    s7_concurrency: int
+    s7_seconds: float
+    s7_switchovers: int  # per contender
+    s7_readers: int
+    s7_switch_pool_size: int
+    s7_before_seconds: float  # load before the switchover request
+    s7_after_seconds: float  # load after Patroni reports the old leader streaming again
     s5_write_share: float = 0.3
     warmup_seconds: float = 0.25
 
@@ -105,6 +115,15 @@ class Settings:
             s5_concurrency=16,
             s5_write_seconds=2.0,
             s5_mixed_seconds=3.0,
+            s7_rounds=7,
+            s7_pool_size=16,
+            s7_concurrency=16,
+            s7_seconds=3.0,
+            s7_switchovers=2,
+            s7_readers=30,
+            s7_switch_pool_size=10,
+            s7_before_seconds=1.0,
+            s7_after_seconds=3.0,
         )
 
     @classmethod
@@ -135,6 +154,15 @@ class Settings:
             s5_concurrency=16,
             s5_write_seconds=0.5,
             s5_mixed_seconds=0.7,
+            s7_rounds=2,
+            s7_pool_size=16,
+            s7_concurrency=16,
+            s7_seconds=1.0,
+            s7_switchovers=2,
+            s7_readers=30,
+            s7_switch_pool_size=10,
+            s7_before_seconds=1.0,
+            s7_after_seconds=2.0,
             warmup_seconds=0.15,
         )
 

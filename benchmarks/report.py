@@ -35,6 +35,18 @@ def _pct(value: Any) -> str:
     return f"{100 * value:.1f}%"
 
 
+def _secs(values: Any) -> str:
+    """Seconds of several runs, e.g. ``2.57 / 2.73``."""
+    if not isinstance(values, list) or not values:
+        return "n/a"
+    return " / ".join(_num(v, 2) for v in values)
+
+
+def _cell(text: str) -> str:
+    """Text safe in a markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def _met(ok: bool | None) -> str:
     return "n/a" if ok is None else ("pass" if ok else "**miss**")
 
@@ -268,6 +280,56 @@ def goals(results: dict[str, Any]) -> list[Row]:
                 }
             )
 
+    def s7(d: dict[str, Any]) -> None:
+        if "skipped" in d:
+            rows.append(
+                {
+                    "scenario": "7. HAProxy + Patroni peer",
+                    "contenders": "areplica vs HAProxy (Patroni REST checks)",
+                    "medians": f"skipped: {d['skipped'][:150]}",
+                    "ratio": "-",
+                    "goal": "-",
+                    "met": None,
+                }
+            )
+            return
+        r = d["reads"]
+        a, h = r["contenders"]["areplica"], r["contenders"]["haproxy"]
+        rows.append(
+            {
+                "scenario": f"7. vs HAProxy {d.get('haproxy_version') or ''} + Patroni checks, "
+                f"reads ({d['concurrency']} tasks)",
+                "contenders": "areplica (`patroni=`) vs aiopg pool on HAProxy's read port",
+                "medians": f"{_num(a['throughput'])} vs {_num(h['throughput'])} q/s; "
+                f"p50 {_num(a['p50_us'])} vs {_num(h['p50_us'])} µs; "
+                f"p99 {_num(a['p99_us'])} vs {_num(h['p99_us'])} µs "
+                f"(rounds with higher throughput {r['throughput_higher_rounds']}/{d['rounds']}, "
+                f"with lower p99 {r['p99_lower_rounds']}/{d['rounds']})",
+                "ratio": f"{_x(r['throughput_ratio'])} tput, {_x(r['p99_ratio'])} p99",
+                "goal": "(reported)",
+                "met": None,
+                "value": r["throughput_ratio"],
+            }
+        )
+        sw = d["switchover"]["contenders"]
+        a, h = sw["areplica"], sw["haproxy"]
+        rows.append(
+            {
+                "scenario": f"7. Planned switchovers, {d['readers']} readers + 1 writer "
+                f"({a['switchovers']} per contender)",
+                "contenders": "areplica vs HAProxy",
+                "medians": f"failed reads {a['failed_reads']} vs {h['failed_reads']}; "
+                f"failed writes {a['failed_writes']} vs {h['failed_writes']}; "
+                f"write outage {_secs(a['write_outage_seconds'])} vs "
+                f"{_secs(h['write_outage_seconds'])} s (Patroni's switchovers: "
+                f"{_secs(a['patroni_seconds'])} vs {_secs(h['patroni_seconds'])} s)",
+                "ratio": "-",
+                "goal": "0 failed reads",
+                "met": a["failed_reads"] == 0,
+                "value": a["failed_reads"],
+            }
+        )
+
     guarded("1_overhead", "1. Routing overhead", s1)
     guarded("2_scaling", "2. Read scaling", s2)
     guarded("3_pgpool", "3. Pgpool-II peer", s3)
@@ -275,6 +337,7 @@ def goals(results: dict[str, Any]) -> list[Row]:
     guarded("5_consistency", "5. Consistency cost", s5)
     if _scenario(results, "1_overhead") or _scenario(results, "5_consistency"):
         s6({})
+    guarded("7_haproxy", "7. HAProxy + Patroni peer", s7)
     return rows
 
 
@@ -301,6 +364,11 @@ def machine_line(results: dict[str, Any]) -> str:
     pgpool = results.get("scenarios", {}).get("3_pgpool", {})
     if isinstance(pgpool, dict) and pgpool.get("pgpool_version"):
         parts.append(f"Pgpool-II {pgpool['pgpool_version']}")
+    peer = results.get("scenarios", {}).get("7_haproxy", {})
+    if isinstance(peer, dict) and peer.get("haproxy_version"):
+        parts.append(f"HAProxy {peer['haproxy_version']}")
+    if isinstance(peer, dict) and peer.get("patroni_version"):
+        parts.append(f"Patroni {peer['patroni_version']}")
     parts.append(str(m.get("date")))
     return " · ".join(parts)
 
@@ -315,22 +383,33 @@ def _load(meta: dict[str, Any]) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     meta = results.get("meta", {})
+    command = meta.get("command") or (
+        "python -m benchmarks" + (" --quick" if meta.get("quick") else "")
+    )
     lines = [
         f"# areplica benchmarks ({'quick' if meta.get('quick') else 'full'} run)",
         "",
         f"Machine: {machine_line(results)}",
         "",
-        f"Run time {meta.get('seconds', 0):.0f} s (`python -m benchmarks"
-        f"{' --quick' if meta.get('quick') else ''}`), areplica commit "
+        f"Run time {meta.get('seconds', 0):.0f} s (`{command}`), areplica commit "
         f"{results.get('machine', {}).get('areplica_commit')}. Contenders run side by side in "
         "one process, alternating order every round; figures are medians over rounds. "
         "Ratios are areplica's cost over the baseline unless a row says otherwise. "
         f"Load average (1 min) before / after the run: {_load(meta)}: the machine may be "
         "shared, so compare only figures of one run.",
         "",
-        "## Summary",
-        "",
     ]
+    for key, run in meta.get("updated", {}).items():
+        loads = f"{_load(run)}" if run.get("loadavg_before") else "n/a"
+        lines += [
+            f"Scenario {key.split('_', 1)[0]} comes from a later run (`{run.get('command')}`, "
+            f"{run.get('date')}, areplica commit {run.get('areplica_commit')}, "
+            f"Python {run.get('python')}, "
+            f"{_num(run.get('seconds'))} s, load average before / after {loads}); the "
+            "other scenarios from the run above. Compare figures within a scenario only.",
+            "",
+        ]
+    lines += ["## Summary", ""]
     lines += _table(
         ["Scenario", "Contenders", "Medians", "Ratio", "Goal", "Met?"],
         [
@@ -537,10 +616,140 @@ def _details(results: dict[str, Any]) -> list[str]:
                 for n, c in d["contenders"].items()
             ],
         )
+    lines += _details_s7(results)
     notes = _notes(results)
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return lines
+
+
+def _details_s7(results: dict[str, Any]) -> list[str]:
+    d = _scenario(results, "7_haproxy")
+    if d is None:
+        return []
+    lines = ["", "## 7. HAProxy + Patroni peer", ""]
+    if "skipped" in d:
+        return [*lines, f"Skipped: {d['skipped']}"]
+    checks = d.get("haproxy_checks", {})
+    inter = f"{checks['inter']:g}" if isinstance(checks.get("inter"), (int, float)) else "?"
+    options = ", ".join(f"{k}={v}" for k, v in d.get("areplica_options", {}).items())
+    lines += [
+        f"A Patroni {d.get('patroni_version')} cluster of its own (etcd, 3 members, started in "
+        f"{_num(d.get('patroni_startup_seconds'), 1)} s). HAProxy {d.get('haproxy_version')}: "
+        "a write listener checked with `GET /primary` and a read listener checked with "
+        "`GET /replica` (`balance roundrobin`) on each member's Patroni REST port, "
+        f"`inter {inter}s fall {checks.get('fall')} rise {checks.get('rise')} "
+        "on-marked-down shutdown-sessions` (configuration below). Its client: a plain "
+        f"peewee-async database ({d['driver']} pool) per port. areplica: one manager with "
+        f"`patroni=` the REST URLs, {options}, same driver.",
+        "",
+        f"Reads: `{d['read_sql']}`, {d['concurrency']} tasks, pool {d['pool_size']} on both "
+        f"sides, {d['seconds_per_round']} s x {d['rounds']} rounds, alternating.",
+        "",
+    ]
+    r = d["reads"]
+    lines += _table(
+        ["Contender", "Throughput (q/s)", "p50 (µs)", "p99 (µs)", "Errors", "Reads per member"],
+        [
+            [
+                n,
+                _num(c["throughput"]),
+                _num(c["p50_us"]),
+                _num(c["p99_us"]),
+                str(c["errors"]),
+                str(c.get("served_by", "-")),
+            ]
+            for n, c in r["contenders"].items()
+        ],
+    )
+    lines += [
+        "",
+        f"areplica / HAProxy: throughput {_x(r['throughput_ratio'])} (per round "
+        f"{', '.join(_x(v) for v in r['paired_throughput_ratios'])}), p50 {_x(r['p50_ratio'])}, "
+        f"p99 {_x(r['p99_ratio'])}. Reads per member count server answers "
+        f"(`inet_server_port()`); {r['leader']} led.",
+        "",
+        f"Planned switchovers (`topo.switchover()`, Patroni's `POST /switchover`): "
+        f"{d['readers']} readers (a read, then a 5 ms pause) and one writer "
+        f"(an INSERT, then a 20 ms pause) through one contender on fresh pools (areplica "
+        f"pool {d['switch_pool_size']} per member; HAProxy: read pool "
+        f"{d['switch_pool_size']} per replica, write pool {d['switch_pool_size']}), "
+        f"{_num(d['before_seconds'], 1)} s of load before the request, kept until Patroni "
+        f"reports the old leader streaming again plus {_num(d['after_seconds'], 1)} s; each "
+        "switchover from a healthy cluster that both HAProxy and the manager see. "
+        "Write outage: the longest time without an acknowledged write from the request to "
+        "the end; Patroni's seconds: from the request until the new leader runs and "
+        "accepts writes; reads on the new primary: reads it answered after that (times "
+        "from the request).",
+        "",
+    ]
+    sw = d["switchover"]
+    lines += _table(
+        [
+            "#",
+            "Contender",
+            "Switchover",
+            "Patroni (s)",
+            "OK reads",
+            "Failed reads",
+            "OK writes",
+            "Failed writes",
+            "Lost writes",
+            "Write outage (s)",
+            "Longest without a read (s)",
+            "Reads on the new primary (last at s)",
+        ],
+        [
+            [
+                str(i + 1),
+                name,
+                f"{p['old_leader']} -> {p['new_leader']}",
+                _num(p["patroni_seconds"], 2),
+                str(p["ok_reads"]),
+                str(p["failed_reads"]),
+                str(p["ok_writes"]),
+                str(p["failed_writes"]),
+                str(p["lost_writes"]),
+                _num(p["write_outage_seconds"], 2),
+                _num(p["read_gap_seconds"], 2),
+                f"{p.get('reads_on_new_primary', 'n/a')}"
+                + (
+                    f" ({_num(p['last_read_on_new_primary'], 2)})"
+                    if p.get("last_read_on_new_primary") is not None
+                    else ""
+                ),
+            ]
+            for i, (name, p) in enumerate(_phases_in_order(sw))
+        ],
+    )
+    fallback = [p.get("fallback_reads") for p in sw["contenders"]["areplica"]["phases"]]
+    retried = [p.get("retried_reads") for p in sw["contenders"]["areplica"]["phases"]]
+    lines += [
+        "",
+        "areplica's own counters per switchover: reads sent to the primary for want of an "
+        f"eligible replica (fallback) {' / '.join(str(v) for v in fallback)}, reads retried "
+        f"on another node {' / '.join(str(v) for v in retried)}.",
+    ]
+    for name, c in sw["contenders"].items():
+        for kind in ("read", "write"):
+            errors = c.get(f"{kind}_errors") or {}
+            if errors:
+                lines += ["", f"{name}, failed {kind}s:"]
+                lines += [f"- {count} x `{_cell(text)}`" for text, count in errors.items()]
+    lines += ["", "HAProxy configuration:", "", "```", d["haproxy_config"].rstrip(), "```"]
+    return lines
+
+
+def _phases_in_order(sw: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The switchover phases in the order they ran (``order`` names the contenders)."""
+    taken = {name: 0 for name in sw["contenders"]}
+    out: list[tuple[str, dict[str, Any]]] = []
+    for name in sw.get("order", []):
+        phases = sw["contenders"][name]["phases"]
+        if taken[name] < len(phases):
+            out.append((name, phases[taken[name]]))
+            taken[name] += 1
+    return out
 
 
 def _notes(results: dict[str, Any]) -> list[str]:
@@ -571,5 +780,21 @@ def _notes(results: dict[str, Any]) -> list[str]:
             "health probe (every `health_interval`) and, with `causal_wait` > 0, by polling "
             "the replicas for the waiting read; with `causal_wait=0` such reads go to the "
             "primary instead, which is why so few of them reach a replica."
+        )
+    d = _scenario(results, "7_haproxy")
+    if d is not None and "switchover" in d:
+        sw = d["switchover"]["contenders"]
+        notes.append(
+            "Scenario 7: HAProxy keeps sending reads to the promoted member until its "
+            "`/replica` check has failed `fall` times, then cuts those sessions "
+            "(`shutdown-sessions`): its failed reads are those cut queries and pooled "
+            "connections the aiopg pool hands out after the cut; its writes wait for the "
+            "`/primary` check to mark the new leader up, hence the longer write outage. "
+            f"areplica's {sw['areplica']['failed_writes']} failed writes are `NoPrimaryError`s "
+            "(texts above). Its readers and writer are tasks spawned by the task that "
+            "connected the manager, so they share that task's consistency session (causal, "
+            "the default): after each write, reads need a standby that replayed it, and while "
+            "the remaining standby re-points to the new leader they wait `causal_wait` and "
+            "then read the primary (the fallback reads above). HAProxy gives no such guarantee."
         )
     return notes
