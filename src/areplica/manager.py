@@ -1328,11 +1328,11 @@ class ReplicaManager:
             and primary not in exclude
         ):
             out.append(primary)  # one more reader, always caught up, at primary_weight
-        if len(out) > 1:
+        if len(out) > 1 and any(node.pool.saturated for node in out):
             # A node whose every connection is taken (load, or queries stuck on a hung
             # server) makes a read wait; spill to one with room when there is one.
             free = [node for node in out if not node.pool.saturated]
-            if free and len(free) < len(out):
+            if free:
                 return free
         return out
 
