@@ -688,18 +688,6 @@ class ReplicaManager:
     def _all_nodes(self) -> list[Node]:
         return list(self._cluster)
 
-    def _node(self, name: str) -> Node:
-        node = self._cluster.get(name)
-        if node is None:
-            raise ConfigurationError(
-                f"no member named {name!r} (members: {self._cluster.names})", option="on"
-            )
-        return node
-
-    def _readers(self) -> list[Node]:
-        """Every member that may serve replica reads now: the cluster's standbys."""
-        return self._cluster.readers()
-
     def status(self) -> list[NodeStatus]:
         """Every member's status, without I/O."""
         return [node.status() for node in self._cluster]
