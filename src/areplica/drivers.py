@@ -19,7 +19,7 @@ from typing import Any
 import peewee
 import peewee_async
 
-from ._compat import timeout as _timeout
+from ._compat import bounded
 from .errors import AreplicaError, ConfigurationError
 
 __all__ = ["DRIVERS", "QUERY_CANCELED", "Driver", "get_driver", "sqlstate_of"]
@@ -136,9 +136,9 @@ def _aiopg_driver() -> Driver:
     async def connect(conninfo: str, timeout: float) -> Any:
         # Bounded here: libpq's connect_timeout does not apply to non-blocking connects.
         # hstore discovery is off: it costs a query per connection.
-        async with _timeout(timeout):
-            conn = Connection(conninfo, None, False, enable_hstore=False)  # type: ignore[arg-type]
-            return await conn._connect()  # closes the connection itself if this fails
+        conn = Connection(conninfo, None, False, enable_hstore=False)  # type: ignore[arg-type]
+        # _connect() closes the connection itself if it fails or is cancelled.
+        return await bounded(conn._connect(), timeout)
 
     async def close(conn: Any) -> None:
         if not conn.closed:
@@ -175,10 +175,12 @@ def _psycopg_driver() -> Driver:
     import psycopg.pq
 
     async def connect(conninfo: str, timeout: float) -> Any:
-        async with _timeout(timeout):
-            return await psycopg.AsyncConnection.connect(
+        return await bounded(
+            psycopg.AsyncConnection.connect(
                 conninfo, autocommit=True, cursor_factory=psycopg.AsyncClientCursor
-            )
+            ),
+            timeout,
+        )
 
     async def close(conn: Any) -> None:
         await conn.close()  # idempotent in psycopg

@@ -293,6 +293,7 @@ class HealthMonitor:
         # The primary's clock at its last probe, against our monotonic clock.
         self._primary_clock: tuple[float, float] | None = None
         self._seeding = False
+        self._halted = False
         self.rounds = 0
         self._tasks: set[asyncio.Future[Any]] = set()
 
@@ -346,7 +347,12 @@ class HealthMonitor:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def halt(self) -> None:
-        """Ask the loop to stop, wait a little, then cancel it. Idempotent."""
+        """Ask the loop to stop, wait a little, then cancel it. Idempotent.
+
+        From here on no state change is applied or logged: a round still finishing is
+        shutdown noise, not news about the nodes.
+        """
+        self._halted = True
         self._stop.set()
         self._wake.set()
         task, self._task = self._task, None
@@ -548,7 +554,7 @@ class HealthMonitor:
         self, node: Node, new_state: State, reason: BaseException | None = None
     ) -> None:
         old_state = node.state
-        if new_state == old_state:
+        if new_state == old_state or self._halted:
             return
         if self._seeding:
             node.state = new_state

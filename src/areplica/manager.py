@@ -31,7 +31,7 @@ import peewee
 from peewee_async.result_wrappers import fetch_models
 
 from . import dsn as dsn_mod
-from ._compat import timeout as _timeout
+from ._compat import bounded, within
 from .cluster import Cluster
 from .consistency import WAL_POSITION_SQL, WarnOnce, format_lsn, parse_lsn, token_position
 from .database import routing_database_for
@@ -730,9 +730,7 @@ class ReplicaManager:
             raise ConfigurationError(f"remove_member: no member named {name!r}", option="name")
         node.retired = True
         if node.in_flight:
-            with contextlib.suppress(asyncio.TimeoutError):
-                async with _timeout(timeout):
-                    await node.drained()
+            await within(node.drained(), timeout)
         self._cluster.remove(name)
         if self._monitor is not None:
             await self._monitor.forget(node)
@@ -1459,14 +1457,10 @@ class ReplicaManager:
             return False  # acquire on the chosen node, and let its pool_timeout decide
         if self._slot_event is None:
             self._slot_event = asyncio.Event()
-        event = self._slot_event
-        try:
-            async with _timeout(remaining):
-                await event.wait()
-        except asyncio.TimeoutError:
-            return False
-        self._require_open()
-        return True
+        freed, _ = await within(self._slot_event.wait(), remaining)
+        if freed:
+            self._require_open()
+        return freed
 
     async def _catch_up(self, nodes: list[Node], lsn: int) -> Node | None:
         """Poll the replicas' replay positions until one reaches ``lsn`` or ``causal_wait``."""
@@ -1474,13 +1468,14 @@ class ReplicaManager:
         deadline = loop.time() + self.causal_wait
         delay = 0.001  # replication on a LAN takes about a millisecond: look again soon
         while True:
-            try:
-                # Bounded by causal_wait: a hung replica must not hold the read longer.
-                async with _timeout(max(deadline - loop.time(), 0.001)):
-                    positions = await asyncio.gather(
-                        *(self._replay_position(node) for node in nodes), return_exceptions=True
-                    )
-            except asyncio.TimeoutError:
+            # Bounded by causal_wait: a hung replica must not hold the read longer.
+            answered, positions = await within(
+                asyncio.gather(
+                    *(self._replay_position(node) for node in nodes), return_exceptions=True
+                ),
+                max(deadline - loop.time(), 0.001),
+            )
+            if not answered or positions is None:
                 return None
             ready = [
                 node
@@ -1515,16 +1510,15 @@ class ReplicaManager:
         node.in_flight += 1
         conn = None
         pool = node.pool
-        discard = True
+        # Only a broken connection is discarded. After a cancellation or a timeout the pool
+        # looks at it: one still running is cancelled on the server and closed; one the
+        # driver already cancelled and drained (psycopg) is idle and simply reused.
+        discard = False
         try:
             # The pool wait has its own bound (pool_timeout); read_timeout bounds the query.
             conn = await pool.acquire()
             try:
-                async with _timeout(self.read_timeout):
-                    with peewee.__exception_wrapper__:  # type: ignore[attr-defined]
-                        async with conn.cursor() as cursor:
-                            await cursor.execute(sql, params or ())
-                            result = await fetch(self.database, cursor) if fetch else None
+                result = await bounded(self._query(conn, sql, params, fetch), self.read_timeout)
             except asyncio.TimeoutError as exc:
                 raise ReadTimeoutError(
                     f"{self.name}: a read on {node.label} ran longer than read_timeout "
@@ -1532,20 +1526,24 @@ class ReplicaManager:
                     node=node.name,
                     timeout=self.read_timeout,
                 ) from exc
-            discard = False
             if count:
                 node.reads += 1
             return result
         except Exception as exc:
-            # A SQL error leaves the connection idle and usable; anything else (a broken
-            # connection, a timeout) retires it. So does a cancellation (BaseException):
-            # the pool cancels the query on the server before closing the connection.
-            discard = isinstance(exc, ReadTimeoutError) or self._driver.is_disconnect(exc)
+            discard = self._driver.is_disconnect(exc)
             raise
         finally:
             node.done()
             if conn is not None:
                 pool.release(conn, discard=discard)
+
+    async def _query(
+        self, conn: Any, sql: str, params: Sequence[Any] | None, fetch: FetchResults | None
+    ) -> Any:
+        with peewee.__exception_wrapper__:  # type: ignore[attr-defined]
+            async with conn.cursor() as cursor:
+                await cursor.execute(sql, params or ())
+                return await fetch(self.database, cursor) if fetch else None
 
     def _connection_failed(self, node: Node, exc: BaseException) -> None:
         """Passive detection: a connection-level failure takes the node down at once."""

@@ -127,16 +127,13 @@ class NodePool:
         """A connection, opened now if no idle one is left; raises on a dead server."""
         if self._closed:
             raise NodeUnavailableError(f"node {self.name!r}: pool is closed", node=self.name)
-        try:
-            async with timeout(self.wait_timeout):
-                await self._slots.acquire()
-        except asyncio.TimeoutError:
+        if not await self._take_slot():
             raise PoolTimeoutError(
                 f"node {self.name!r}: all {self.size} connections stayed busy for "
                 f"{self.wait_timeout:g}s (pool_timeout); nothing was sent",
                 node=self.name,
                 timeout=self.wait_timeout,
-            ) from None
+            )
         try:
             while self._idle:
                 conn = self._idle.pop()
@@ -153,6 +150,27 @@ class NodePool:
         except BaseException:
             self._slots.release()
             raise
+
+    async def _take_slot(self) -> bool:
+        """A slot within ``wait_timeout``; False when none freed up in time.
+
+        The wait is bounded without cancelling the caller's task (``asyncio.wait`` on the
+        semaphore), so a caller's own cancel is never mistaken for the pool's timeout.
+        """
+        if not self._slots.locked() or self.wait_timeout is None:
+            await self._slots.acquire()
+            return True
+        waiter = asyncio.ensure_future(self._slots.acquire())
+        try:
+            done, _ = await asyncio.wait({waiter}, timeout=self.wait_timeout)
+        except BaseException:
+            if not waiter.cancel() and not waiter.cancelled() and waiter.exception() is None:
+                self._slots.release()  # it got the slot just as we were cancelled
+            raise
+        if done:
+            return True
+        # Cancelling a semaphore waiter is safe: a slot handed to it goes to the next one.
+        return not waiter.cancel()
 
     def put_back(self, conn: Any, *, discard: bool = False) -> Coroutine[Any, Any, None] | None:
         """Give a connection back without awaiting; returns the retirement to await, if any.
