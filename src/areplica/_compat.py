@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 __all__ = ["bounded", "timeout", "within"]
@@ -61,14 +61,25 @@ T = TypeVar("T")
 
 if sys.version_info >= (3, 11):
 
-    async def bounded(awaitable: Awaitable[T], delay: float | None) -> T:
-        """Await ``awaitable`` for at most ``delay`` seconds (``TimeoutError`` past it)."""
+    async def bounded(
+        awaitable: Awaitable[T],
+        delay: float | None,
+        dispose: Callable[[T], Awaitable[None]] | None = None,
+    ) -> T:
+        """Await ``awaitable`` for at most ``delay`` seconds (``TimeoutError`` past it).
+
+        ``dispose`` cleans up a result nobody will receive (3.10 only needs it).
+        """
         async with asyncio.timeout(delay):
             return await awaitable
 
 else:  # pragma: no cover - Python 3.10
 
-    async def bounded(awaitable: Awaitable[T], delay: float | None) -> T:
+    async def bounded(
+        awaitable: Awaitable[T],
+        delay: float | None,
+        dispose: Callable[[T], Awaitable[None]] | None = None,
+    ) -> T:
         """The 3.10 form runs the work in its own task and cancels only that task.
 
         Python 3.10 cannot tell a timer's cancel from a caller's once both land in one
@@ -85,6 +96,8 @@ else:  # pragma: no cover - Python 3.10
         except BaseException:
             _abandon(inner)
             await asyncio.wait({inner})  # let its cleanup run before the cancel goes on
+            if dispose is not None and not inner.cancelled() and inner.exception() is None:
+                await asyncio.shield(dispose(inner.result()))  # done as we were cancelled
             raise
         if not done:
             inner.cancel()

@@ -138,7 +138,7 @@ def _aiopg_driver() -> Driver:
         # hstore discovery is off: it costs a query per connection.
         conn = Connection(conninfo, None, False, enable_hstore=False)  # type: ignore[arg-type]
         # _connect() closes the connection itself if it fails or is cancelled.
-        return await bounded(conn._connect(), timeout)
+        return await bounded(conn._connect(), timeout, dispose=close)
 
     async def close(conn: Any) -> None:
         if not conn.closed:
@@ -180,6 +180,7 @@ def _psycopg_driver() -> Driver:
                 conninfo, autocommit=True, cursor_factory=psycopg.AsyncClientCursor
             ),
             timeout,
+            dispose=close,
         )
 
     async def close(conn: Any) -> None:

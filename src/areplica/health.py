@@ -148,6 +148,29 @@ class ProbeConnection:
                 await asyncio.shield(self.close())
                 raise
 
+    async def wait_gone(self, pid: int, timeout: float) -> None:
+        """Wait until backend ``pid`` has left ``pg_stat_activity`` (it exits after a close)."""
+        if self.node.state == "down":
+            return
+        async with _timeout(timeout), self._lock:
+            try:
+                driver = self.node.driver
+                if self._conn is None or driver.is_closed(self._conn):
+                    self._conn = await driver.connect(self.node.dsn.conninfo, timeout)
+                delay = 0.001
+                while True:
+                    async with self._conn.cursor() as cursor:
+                        await cursor.execute(
+                            "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)
+                        )
+                        if await cursor.fetchone() is None:
+                            return
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.02)
+            except BaseException:
+                await asyncio.shield(self.close())
+                raise
+
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -441,6 +464,10 @@ class HealthMonitor:
     async def cancel_backend(self, node: Node, pid: int, timeout: float) -> None:
         """Cancel a query of ``node``'s pool by backend pid (see ``ProbeConnection``)."""
         await self._probe_connection(node).cancel_backend(pid, timeout)
+
+    async def wait_backend_gone(self, node: Node, pid: int, timeout: float) -> None:
+        """Wait until a closed connection's backend has exited on ``node``."""
+        await self._probe_connection(node).wait_gone(pid, timeout)
 
     def _probe_connection(self, node: Node) -> ProbeConnection:
         connection = self._probes.get(node)

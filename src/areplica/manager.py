@@ -469,7 +469,12 @@ class ReplicaManager:
             if self._monitor is not None:
                 await self._monitor.cancel_backend(node, pid, timeout)
 
+        async def backend_gone(pid: int, timeout: float) -> None:
+            if self._monitor is not None:
+                await self._monitor.wait_backend_gone(node, pid, timeout)
+
         node.canceller = cancel_backend
+        node.exit_waiter = backend_gone
         node.on_slot_free = self._slot_freed
         return node
 

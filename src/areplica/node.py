@@ -98,6 +98,8 @@ class NodePool:
         self.wait_timeout = wait_timeout
         self.cancel_timeout = cancel_timeout
         self.canceller = canceller
+        #: Waits until a closed connection's backend has exited (same signature).
+        self.exit_waiter: Canceller | None = None
         #: Called whenever a slot frees up (the manager wakes reads waiting for any node).
         self.on_slot_free: Callable[[], None] | None = None
         self._idle: collections.deque[Any] = collections.deque()
@@ -215,11 +217,23 @@ class NodePool:
                     delay = min(delay * 2, 0.05)
 
     async def _retire(self, conn: Any) -> None:
-        """Cancel what still runs on the server, close once, then free the slot."""
+        """Cancel what still runs on the server, close once, then free the slot.
+
+        The slot is freed once the server has let the backend go (bounded), so a new
+        connection never overlaps an exiting one: the server never lists more than
+        ``size`` backends of this pool.
+        """
+        pid = None
         try:
+            with contextlib.suppress(Exception):
+                pid = self._driver.backend_pid(conn)
             await self.cancel(conn)
             with contextlib.suppress(Exception):
                 await self._driver.close(conn)
+            if pid is not None and self.exit_waiter is not None:
+                with contextlib.suppress(Exception):
+                    async with timeout(self.cancel_timeout):
+                        await self.exit_waiter(pid, self.cancel_timeout)
         finally:
             self._free_slot()
 
@@ -329,6 +343,8 @@ class Node:
         self.retired = False
         #: How the pool cancels a query when the driver has no safe cancel of its own.
         self.canceller: Canceller | None = None
+        #: Waits until a backend of this node has exited (set by the manager).
+        self.exit_waiter: Canceller | None = None
         #: Called when a connection slot of this node frees up.
         self.on_slot_free: Callable[[], None] | None = None
         #: An HA manager says it is stopping or demoting: it takes no new queries.
@@ -376,7 +392,12 @@ class Node:
             canceller=self._cancel_backend,
         )
         pool.on_slot_free = self._slot_free
+        pool.exit_waiter = self._backend_gone
         return pool
+
+    async def _backend_gone(self, pid: int, timeout: float) -> None:
+        if self.exit_waiter is not None:
+            await self.exit_waiter(pid, timeout)
 
     def _slot_free(self) -> None:
         if self.on_slot_free is not None:
