@@ -366,8 +366,12 @@ class HealthMonitor:
         for connection in list(self._probes.values()):
             await connection.close()
         self._probes.clear()
-        while self._tasks:  # pool closings and async callbacks started by transitions
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        # Pool closings and async callbacks started by transitions (by done-ness: a
+        # finished task leaves the set only once its done callback has run).
+        pending = [task for task in self._tasks if not task.done()]
+        while pending:
+            await asyncio.wait(pending)
+            pending = [task for task in self._tasks if not task.done()]
 
     async def halt(self) -> None:
         """Ask the loop to stop, wait a little, then cancel it. Idempotent.

@@ -282,8 +282,12 @@ class NodePool:
                     self.name,
                     len(self._in_use),
                 )
-        while self._retiring:
-            await asyncio.gather(*list(self._retiring), return_exceptions=True)
+        # Wait for every retirement; look at done-ness, not at the set (a finished task
+        # leaves it only when its done callback has run).
+        pending = [task for task in self._retiring if not task.done()]
+        while pending:
+            await asyncio.wait(pending)
+            pending = [task for task in self._retiring if not task.done()]
 
     async def _wait_returned(self, delay: float) -> bool:
         if not self._in_use:
