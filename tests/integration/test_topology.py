@@ -97,7 +97,7 @@ def process_state(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
-    except FileNotFoundError:
+    except OSError:  # FileNotFoundError, or ProcessLookupError from a read after exit
         return ""
     return stat[stat.rfind(")") + 2]
 
@@ -106,7 +106,7 @@ def parent(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
-    except FileNotFoundError:
+    except OSError:
         return None
     return int(stat[stat.rfind(")") + 2 :].split()[1])
 
@@ -119,7 +119,7 @@ def shared_memory(pids: list[int]) -> tuple[set[int], set[str]]:
         try:
             with open(f"/proc/{pid}/maps") as f:
                 maps = f.read().splitlines()
-        except FileNotFoundError:
+        except OSError:
             continue  # a backend that just exited
         for line in maps:
             parts = line.split(None, 5)
