@@ -48,7 +48,7 @@ from .errors import (
     TopologyError,
 )
 from .health import HealthMonitor, HealthSettings, ProbeResult, probe
-from .node import Node, NodeStatus
+from .node import Node, NodePool, NodeStatus, take_slot
 from .policies import POLICIES
 from .routing import QueryKind, classify_query, classify_sql
 from .sources import PatroniSource
@@ -409,7 +409,6 @@ class ReplicaManager:
 
         self._lifecycle = _Lifecycle.NEW
         self._closed = asyncio.Event()
-        self._slot_event: asyncio.Event | None = None
         self._connecting = asyncio.Lock()
         self._switching = False
         if primary_wait is None:
@@ -475,7 +474,6 @@ class ReplicaManager:
 
         node.canceller = cancel_backend
         node.exit_waiter = backend_gone
-        node.on_slot_free = self._slot_freed
         return node
 
     @classmethod
@@ -1335,8 +1333,24 @@ class ReplicaManager:
         session: _Session | None = None,
     ) -> Node:
         """Pick the node for a read (rules 2, 4 and 5 of DESIGN.md)."""
+        nodes = self._read_candidates(route, exclude, max_staleness, session)
+        return nodes[0] if len(nodes) == 1 else self._policy(nodes)
+
+    def _read_candidates(
+        self,
+        route: _Route | None,
+        exclude: set[Node],
+        max_staleness: float | None,
+        session: _Session | None,
+    ) -> list[Node]:
+        """The nodes a read may go to now, those with a free connection first.
+
+        More than one only for a choice of the policy: the eligible replicas, and only the
+        ones with room when some have (``_eligible``). Raises ``_CatchUp`` when the
+        session's replicas must be waited for.
+        """
         if route is not None and route.target == "primary":
-            return self._readable_primary()
+            return [self._readable_primary()]
         if route is not None and route.name is not None:
             node = self._cluster.get(route.name)
             if node is None or node.retired or node.state == "down" or node in exclude:
@@ -1344,7 +1358,7 @@ class ReplicaManager:
                 raise NodeUnavailableError(
                     f"{self.name}: replica {route.name!r} is {state}", node=route.name
                 )
-            return node
+            return [node]
         min_lsn = None
         if session is not None and self.consistency != "eventual":
             if self.consistency == "sticky":
@@ -1353,17 +1367,17 @@ class ReplicaManager:
                     and time.monotonic() - session.last_write < self.sticky_for
                 ):
                     if route is None:
-                        return self._readable_primary()
+                        return [self._readable_primary()]
             else:
                 min_lsn = session.lsn
         eligible = self._eligible(exclude, max_staleness, min_lsn, with_primary=route is None)
         if eligible:
-            return self._policy(eligible)  # type: ignore[no-any-return]
+            return eligible
         if min_lsn is not None and self.causal_wait > 0:
             behind = self._eligible(exclude, max_staleness, None)
             if behind:
                 raise _CatchUp(behind, min_lsn)
-        return self._fallback(route)
+        return [self._fallback(route)]
 
     def _fallback(self, route: _Route | None) -> Node:
         if route is not None:  # replica(): never the primary
@@ -1402,20 +1416,25 @@ class ReplicaManager:
         deadline: float | None = None
         while True:
             try:
-                node = self._read_target(route, tried, max_staleness, session)
+                nodes = self._read_candidates(route, tried, max_staleness, session)
+                node = nodes[0] if len(nodes) == 1 else self._policy(nodes)
             except _CatchUp as wait:
                 node = await self._catch_up(wait.nodes, wait.lsn) or self._fallback(route)
-            if node.pool.saturated and (route is None or route.name is None):
-                # Every eligible node is busy (the choice prefers one with room): wait for
-                # a connection to free up on any of them, then choose again, rather than
-                # queue behind one node whose queries may be stuck on a hung server.
-                loop = asyncio.get_running_loop()
-                if deadline is None and self.pool_timeout is not None:
-                    deadline = loop.time() + self.pool_timeout
-                if await self._wait_for_a_slot(deadline):
-                    continue
+                nodes = [node]
+            held: NodePool | None = None
             try:
-                return await self._run_read(node, sql, params, fetch)
+                if node.pool.saturated and len(nodes) > 1:
+                    # Every candidate is busy (the choice prefers one with room): take the
+                    # first slot freed on any of them, rather than queue behind one node
+                    # whose queries may be stuck on a hung server.
+                    if deadline is None and self.pool_timeout is not None:
+                        deadline = asyncio.get_running_loop().time() + self.pool_timeout
+                    held, node = await self._slot_on_any(nodes, deadline)
+                    if held.closed:  # evicted or closed meanwhile: choose again
+                        held.free_slot()
+                        self._require_open()
+                        continue
+                return await self._run_read(node, sql, params, fetch, held=held)
             except Exception as exc:
                 if self._cut_by_close(exc):
                     raise self._not_open() from exc
@@ -1449,23 +1468,27 @@ class ReplicaManager:
                     type(exc).__name__,
                 )
 
-    def _slot_freed(self) -> None:
-        event, self._slot_event = self._slot_event, None
-        if event is not None:
-            event.set()
+    async def _slot_on_any(
+        self, nodes: Sequence[Node], deadline: float | None
+    ) -> tuple[NodePool, Node]:
+        """A connection slot on the first of ``nodes`` to free one, held by the caller.
 
-    async def _wait_for_a_slot(self, deadline: float | None) -> bool:
-        """Wait until some pool frees a slot; False when ``deadline`` passed first."""
-        loop = asyncio.get_running_loop()
-        remaining = None if deadline is None else deadline - loop.time()
-        if remaining is not None and remaining <= 0:
-            return False  # acquire on the chosen node, and let its pool_timeout decide
-        if self._slot_event is None:
-            self._slot_event = asyncio.Event()
-        freed, _ = await within(self._slot_event.wait(), remaining)
-        if freed:
-            self._require_open()
-        return freed
+        Raises ``PoolTimeoutError`` once ``deadline`` (``pool_timeout``) has passed.
+        """
+        pools = {node.pool: node for node in nodes}
+        remaining = None
+        if deadline is not None:
+            remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        held = await take_slot(tuple(pools), remaining)
+        if held is None:
+            names = ", ".join(repr(node.name) for node in nodes)
+            raise PoolTimeoutError(
+                f"{self.name}: every connection of {names} stayed busy for "
+                f"{self.pool_timeout:g}s (pool_timeout); nothing was sent",
+                node=nodes[0].name,
+                timeout=self.pool_timeout,
+            )
+        return held, pools[held]
 
     async def _catch_up(self, nodes: list[Node], lsn: int) -> Node | None:
         """Poll the replicas' replay positions until one reaches ``lsn`` or ``causal_wait``."""
@@ -1511,17 +1534,19 @@ class ReplicaManager:
         fetch: FetchResults | None,
         *,
         count: bool = True,
+        held: NodePool | None = None,
     ) -> Any:
+        """Run a read on ``node``; ``held``: a slot of its pool the caller already took."""
         node.in_flight += 1
         conn = None
-        pool = node.pool
+        pool = node.pool if held is None else held
         # Only a broken connection is discarded. After a cancellation or a timeout the pool
         # looks at it: one still running is cancelled on the server and closed; one the
         # driver already cancelled and drained (psycopg) is idle and simply reused.
         discard = False
         try:
             # The pool wait has its own bound (pool_timeout); read_timeout bounds the query.
-            conn = await pool.acquire()
+            conn = await pool.acquire(slot_taken=held is not None)
             try:
                 result = await bounded(self._query(conn, sql, params, fetch), self.read_timeout)
             except asyncio.TimeoutError as exc:

@@ -13,7 +13,7 @@ import collections
 import contextlib
 import logging
 import urllib.parse
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,7 +23,7 @@ from .drivers import Driver
 from .dsn import MASK, NodeDSN, mask_dsn
 from .errors import NodeUnavailableError, PoolTimeoutError
 
-__all__ = ["Node", "NodePool", "NodeStatus", "Role", "State"]
+__all__ = ["Node", "NodePool", "NodeStatus", "Role", "State", "take_slot"]
 
 logger = logging.getLogger("areplica")
 
@@ -100,11 +100,13 @@ class NodePool:
         self.canceller = canceller
         #: Waits until a closed connection's backend has exited (same signature).
         self.exit_waiter: Canceller | None = None
-        #: Called whenever a slot frees up (the manager wakes reads waiting for any node).
-        self.on_slot_free: Callable[[], None] | None = None
         self._idle: collections.deque[Any] = collections.deque()
         self._in_use: set[Any] = set()
-        self._slots = asyncio.Semaphore(size)
+        #: Free slots, and the callers waiting for one, first come first served. A freed
+        #: slot goes straight to the first waiter (no newcomer can take it meanwhile); a
+        #: waiter may wait on several pools at once (``take_slot``).
+        self._free = size
+        self._waiters: collections.deque[asyncio.Future[NodePool | None]] = collections.deque()
         self._closed = False
         self._returned: asyncio.Event | None = None
         self._retiring: set[asyncio.Task[None]] = set()
@@ -123,20 +125,27 @@ class NodePool:
     @property
     def saturated(self) -> bool:
         """True when every slot is taken: an acquire would wait."""
-        return self._slots.locked()
+        return self._free <= 0
 
-    async def acquire(self) -> Any:
-        """A connection, opened now if no idle one is left; raises on a dead server."""
-        if self._closed:
-            raise NodeUnavailableError(f"node {self.name!r}: pool is closed", node=self.name)
-        if not await self._take_slot():
-            raise PoolTimeoutError(
-                f"node {self.name!r}: all {self.size} connections stayed busy for "
-                f"{self.wait_timeout:g}s (pool_timeout); nothing was sent",
-                node=self.name,
-                timeout=self.wait_timeout,
-            )
+    async def acquire(self, *, slot_taken: bool = False) -> Any:
+        """A connection, opened now if no idle one is left; raises on a dead server.
+
+        ``slot_taken``: the caller already holds a slot of this pool (``take_slot``); it
+        is the connection's slot from here on, and freed again if this raises.
+        """
+        if not slot_taken:
+            if self._closed:
+                raise NodeUnavailableError(f"node {self.name!r}: pool is closed", node=self.name)
+            if await take_slot((self,), self.wait_timeout) is None:
+                raise PoolTimeoutError(
+                    f"node {self.name!r}: all {self.size} connections stayed busy for "
+                    f"{self.wait_timeout:g}s (pool_timeout); nothing was sent",
+                    node=self.name,
+                    timeout=self.wait_timeout,
+                )
         try:
+            if self._closed:  # closed while we waited for the slot
+                raise NodeUnavailableError(f"node {self.name!r}: pool is closed", node=self.name)
             while self._idle:
                 conn = self._idle.pop()
                 if not self._driver.is_closed(conn):
@@ -150,29 +159,8 @@ class NodePool:
             self._in_use.add(conn)
             return conn
         except BaseException:
-            self._slots.release()
+            self.free_slot()
             raise
-
-    async def _take_slot(self) -> bool:
-        """A slot within ``wait_timeout``; False when none freed up in time.
-
-        The wait is bounded without cancelling the caller's task (``asyncio.wait`` on the
-        semaphore), so a caller's own cancel is never mistaken for the pool's timeout.
-        """
-        if not self._slots.locked() or self.wait_timeout is None:
-            await self._slots.acquire()
-            return True
-        waiter = asyncio.ensure_future(self._slots.acquire())
-        try:
-            done, _ = await asyncio.wait({waiter}, timeout=self.wait_timeout)
-        except BaseException:
-            if not waiter.cancel() and not waiter.cancelled() and waiter.exception() is None:
-                self._slots.release()  # it got the slot just as we were cancelled
-            raise
-        if done:
-            return True
-        # Cancelling a semaphore waiter is safe: a slot handed to it goes to the next one.
-        return not waiter.cancel()
 
     def put_back(self, conn: Any, *, discard: bool = False) -> Coroutine[Any, Any, None] | None:
         """Give a connection back without awaiting; returns the retirement to await, if any.
@@ -193,7 +181,7 @@ class NodePool:
         ):
             return self._retire(conn)
         self._idle.append(conn)
-        self._free_slot()
+        self.free_slot()
         return None
 
     async def cancel(self, conn: Any) -> None:
@@ -235,13 +223,22 @@ class NodePool:
                     async with timeout(self.cancel_timeout):
                         await self.exit_waiter(pid, self.cancel_timeout)
         finally:
-            self._free_slot()
+            self.free_slot()
 
-    def _free_slot(self) -> None:
-        self._slots.release()
+    def free_slot(self) -> None:
+        """Give a slot back: to the first caller still waiting for one, else to the pool.
+
+        Once the pool is closed every waiter is woken with it (``acquire`` then raises).
+        """
+        handed = False
+        while self._waiters and not handed:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(self)
+                handed = not self._closed
+        if not handed:
+            self._free += 1
         self._note_returned()
-        if self.on_slot_free is not None:
-            self.on_slot_free()
 
     def _note_returned(self) -> None:
         if not self._in_use and self._returned is not None:
@@ -269,6 +266,10 @@ class NodePool:
         error and hand the connections back, and this waits for that (bounded).
         """
         self._closed = True
+        while self._waiters:  # nothing will be handed out any more: wake them all
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(self)
         idle = list(self._idle)
         self._idle.clear()
         for conn in idle:
@@ -297,6 +298,46 @@ class NodePool:
             async with timeout(delay):
                 await self._returned.wait()
         return not self._in_use
+
+
+async def take_slot(pools: Sequence[NodePool], wait: float | None) -> NodePool | None:
+    """A slot of the first of ``pools`` to have one, held by the caller; None after ``wait``.
+
+    Waiters queue in each pool first come first served, and a freed slot is handed to one
+    waiter only, so a busy pool wakes one task per freed slot, not all of them. No task is
+    created and no timer cancels the caller (the timer only answers the wait with None):
+    the caller's own cancel propagates, and a slot handed to it meanwhile goes back. A
+    pool closed during the wait is returned too; its slot is not usable
+    (``acquire(slot_taken=True)`` raises and frees it).
+    """
+    for pool in pools:
+        if pool._free > 0:
+            pool._free -= 1
+            return pool
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[NodePool | None] = loop.create_future()
+    for pool in pools:
+        pool._waiters.append(waiter)
+    timer = None if wait is None else loop.call_later(wait, _expire, waiter)
+    try:
+        return await waiter
+    except BaseException:
+        if waiter.done() and not waiter.cancelled() and (got := waiter.result()) is not None:
+            got.free_slot()  # handed to us just as we were cancelled
+        raise
+    finally:
+        if timer is not None:
+            timer.cancel()
+        granted = waiter.result() if waiter.done() and not waiter.cancelled() else None
+        for pool in pools:
+            if pool is not granted:  # the granting pool already let go of it
+                with contextlib.suppress(ValueError):
+                    pool._waiters.remove(waiter)
+
+
+def _expire(waiter: asyncio.Future[NodePool | None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class Node:
@@ -349,8 +390,6 @@ class Node:
         self.canceller: Canceller | None = None
         #: Waits until a backend of this node has exited (set by the manager).
         self.exit_waiter: Canceller | None = None
-        #: Called when a connection slot of this node frees up.
-        self.on_slot_free: Callable[[], None] | None = None
         #: An HA manager says it is stopping or demoting: it takes no new queries.
         self.paused = False
         #: Where the member came from: "primary"/"replicas"/"members"/"dsn"/"patroni".
@@ -395,17 +434,12 @@ class Node:
             cancel_timeout=self.connect_timeout,
             canceller=self._cancel_backend,
         )
-        pool.on_slot_free = self._slot_free
         pool.exit_waiter = self._backend_gone
         return pool
 
     async def _backend_gone(self, pid: int, timeout: float) -> None:
         if self.exit_waiter is not None:
             await self.exit_waiter(pid, timeout)
-
-    def _slot_free(self) -> None:
-        if self.on_slot_free is not None:
-            self.on_slot_free()
 
     async def _cancel_backend(self, pid: int, timeout: float) -> None:
         if self.canceller is not None:
