@@ -1295,6 +1295,7 @@ class ReplicaManager:
         min_lsn: int | None,
         *,
         with_primary: bool = True,
+        spill: bool = True,
     ) -> list[Node]:
         out = []
         for node in self._cluster.readers():
@@ -1317,7 +1318,7 @@ class ReplicaManager:
             and primary not in exclude
         ):
             out.append(primary)  # one more reader, always caught up, at primary_weight
-        if len(out) > 1 and any(node.pool.saturated for node in out):
+        if spill and len(out) > 1 and any(node.pool.saturated for node in out):
             # A node whose every connection is taken (load, or queries stuck on a hung
             # server) makes a read wait; spill to one with room when there is one.
             free = [node for node in out if not node.pool.saturated]
@@ -1430,7 +1431,10 @@ class ReplicaManager:
                     if deadline is None and self.pool_timeout is not None:
                         deadline = asyncio.get_running_loop().time() + self.pool_timeout
                     held, node = await self._slot_on_any(nodes, deadline)
-                    if held.closed:  # evicted or closed meanwhile: choose again
+                    if held.closed or not self._still_eligible(
+                        node, route, tried, max_staleness, session
+                    ):
+                        # Evicted, paused, lagging or closed while we waited: choose again.
                         held.free_slot()
                         self._require_open()
                         continue
@@ -1467,6 +1471,23 @@ class ReplicaManager:
                     node.name,
                     type(exc).__name__,
                 )
+
+    def _still_eligible(
+        self,
+        node: Node,
+        route: _Route | None,
+        tried: set[Node],
+        max_staleness: float | None,
+        session: _Session | None,
+    ) -> bool:
+        """Whether ``node``, chosen before a wait for a slot, may still serve the read."""
+        min_lsn = None
+        if session is not None and self.consistency == "causal":
+            min_lsn = session.lsn
+        eligible = self._eligible(
+            tried, max_staleness, min_lsn, with_primary=route is None, spill=False
+        )
+        return node in eligible
 
     async def _slot_on_any(
         self, nodes: Sequence[Node], deadline: float | None
