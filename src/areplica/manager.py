@@ -151,7 +151,9 @@ _SESSION: ContextVar[Mapping[object, _Session]] = ContextVar(
 _SAVEPOINTS: ContextVar[tuple[object, ...]] = ContextVar("areplica_savepoints", default=())
 
 _REPLAY_SQL = "SELECT pg_last_wal_replay_lsn()::text"
-_CURRENT_SQL = WAL_POSITION_SQL
+#: The primary's insert position (what a genuine token can be at most) and its flush
+#: position (what standbys can have received: WAL is sent once flushed).
+_CURRENT_SQL = "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"
 
 _OPTION_NAMES = (
     "causal_wait",
@@ -1003,23 +1005,29 @@ class ReplicaManager:
         self._highest_lsn = max(self._highest_lsn, known)
         if lsn <= self._highest_lsn:
             return
-        current = self._highest_lsn
+        current = clamp = self._highest_lsn
         primary = self._usable_primary()
         if primary is not None:
             try:
                 row = await self._run_read(primary, _CURRENT_SQL, None, _fetchone_raw, count=False)
                 current = max(current, token_position(parse_lsn(row[0])))
+                # A record inserted but not yet flushed (an asynchronous commit, a
+                # background record) reaches no standby until the WAL writer flushes it
+                # (up to wal_writer_delay): a clamp there would send the reads to the
+                # primary. A forged token stands for no write of ours, so the clamp goes to
+                # what standbys can have: the flush position.
+                clamp = token_position(parse_lsn(row[1]))
             except Exception:
                 pass  # the highest position known from any member decides
         self._highest_lsn = max(self._highest_lsn, current)
         if lsn > current:
+            session.lsn = min(clamp, current)
             self._warn_once(
                 session.client,
                 "clamped",
                 f"a causal token beyond every known WAL position ({format_lsn(current)}) "
-                "was clamped to it",
+                f"was clamped to {format_lsn(session.lsn)}",
             )
-            session.lsn = current
 
     def _note_write(self, lsn: int | None) -> None:
         if self.consistency == "eventual":

@@ -13,7 +13,7 @@ import pytest
 from areplica import ReplicaManager
 from areplica.contrib.fastapi import AreplicaMiddleware
 from areplica.testing.topology import LocalTopology
-from tests.conftest import wait_for
+from tests.conftest import sql_on, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -84,6 +84,53 @@ async def test_megabyte_tokens_through_the_middleware_keep_memory_bounded(
         }
         assert caplog.text.count("malformed") == 1  # once for the anonymous client
         assert "ZZZZ" not in caplog.text
+
+
+async def test_forged_token_while_wal_awaits_its_flush_reads_from_replicas(
+    own_topology: LocalTopology, driver: str
+) -> None:
+    """A forged token is clamped to what standbys can have: the primary's flush position.
+
+    WAL inserted but not yet flushed (here an asynchronous commit, with the WAL writer slowed
+    to 10 s; in production a background record) is sent to no standby. A clamp to the
+    insert position made every read of that client wait for it and then go to the primary.
+    """
+    topo = own_topology
+    replicas = {topo.port("replica-1"), topo.port("replica-2")}
+    sql_on(topo, "primary", "CREATE TABLE IF NOT EXISTS async_note (id serial PRIMARY KEY)")
+    sql_on(topo, "primary", "ALTER SYSTEM SET wal_writer_delay = '10s'")
+    sql_on(topo, "primary", "SELECT pg_reload_conf()")
+    try:
+        topo.wait_replicated()
+        async with manager_of(topo, driver=driver) as mgr:
+            await mgr.check()
+            served = []
+            for _ in range(5):
+                unflushed = False
+                for _ in range(5):  # the first may be flushed at once (the writer was idle)
+                    sql_on(
+                        topo,
+                        "primary",
+                        "SET synchronous_commit = off; INSERT INTO async_note DEFAULT VALUES",
+                    )
+                    row = sql_on(
+                        topo,
+                        "primary",
+                        "SELECT pg_current_wal_insert_lsn() > pg_current_wal_flush_lsn()",
+                    )
+                    if row[0][0]:
+                        unflushed = True
+                        break
+                assert unflushed, "the primary flushed every asynchronous commit at once"
+                async with mgr.session("FFFFFFFF/FFFFFFFF", client="198.51.100.4"):
+                    rows = await mgr.execute_sql("SELECT inet_server_port()")
+                    assert rows is not None
+                    served.append(rows[0][0])
+            assert set(served) <= replicas, served
+    finally:
+        sql_on(topo, "primary", "ALTER SYSTEM RESET wal_writer_delay")
+        sql_on(topo, "primary", "SELECT pg_reload_conf()")
+        topo.wait_replicated()
 
 
 async def test_forged_token_with_the_primary_down_fails_no_read(
