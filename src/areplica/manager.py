@@ -1342,7 +1342,10 @@ class ReplicaManager:
         session: _Session | None = None,
     ) -> Node:
         """Pick the node for a read (rules 2, 4 and 5 of DESIGN.md)."""
-        nodes = self._read_candidates(route, exclude, max_staleness, session)
+        return self._pick(self._read_candidates(route, exclude, max_staleness, session))
+
+    def _pick(self, nodes: list[Node]) -> Node:
+        """The policy's choice among a read's candidates (no call for a single one)."""
         return nodes[0] if len(nodes) == 1 else self._policy(nodes)
 
     def _read_candidates(
@@ -1368,17 +1371,15 @@ class ReplicaManager:
                     f"{self.name}: replica {route.name!r} is {state}", node=route.name
                 )
             return [node]
-        min_lsn = None
-        if session is not None and self.consistency != "eventual":
-            if self.consistency == "sticky":
-                if (
-                    session.last_write is not None
-                    and time.monotonic() - session.last_write < self.sticky_for
-                ):
-                    if route is None:
-                        return [self._readable_primary()]
-            else:
-                min_lsn = session.lsn
+        if (
+            route is None
+            and session is not None
+            and self.consistency == "sticky"
+            and session.last_write is not None
+            and time.monotonic() - session.last_write < self.sticky_for
+        ):
+            return [self._readable_primary()]
+        min_lsn = self._min_lsn(session)
         eligible = self._eligible(exclude, max_staleness, min_lsn, with_primary=route is None)
         if eligible:
             return eligible
@@ -1426,7 +1427,7 @@ class ReplicaManager:
         while True:
             try:
                 nodes = self._read_candidates(route, tried, max_staleness, session)
-                node = nodes[0] if len(nodes) == 1 else self._policy(nodes)
+                node = self._pick(nodes)
             except _CatchUp as wait:
                 node = await self._catch_up(wait.nodes, wait.lsn) or self._fallback(route)
                 nodes = [node]
@@ -1489,13 +1490,14 @@ class ReplicaManager:
         session: _Session | None,
     ) -> bool:
         """Whether ``node``, chosen before a wait for a slot, may still serve the read."""
-        min_lsn = None
-        if session is not None and self.consistency == "causal":
-            min_lsn = session.lsn
         eligible = self._eligible(
-            tried, max_staleness, min_lsn, with_primary=route is None, spill=False
+            tried, max_staleness, self._min_lsn(session), with_primary=route is None, spill=False
         )
         return node in eligible
+
+    def _min_lsn(self, session: _Session | None) -> int | None:
+        """The WAL position a read of ``session`` needs a replica to have replayed."""
+        return session.lsn if session is not None and self.consistency == "causal" else None
 
     async def _slot_on_any(
         self, nodes: Sequence[Node], deadline: float | None
@@ -1541,7 +1543,7 @@ class ReplicaManager:
             ]
             if ready:
                 self.caught_up_reads += 1
-                return self._policy(ready)  # type: ignore[no-any-return]
+                return self._pick(ready)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return None
