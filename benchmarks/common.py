@@ -344,6 +344,18 @@ def item_model(db: Any) -> Any:
     return Item
 
 
+def lookup_op(mgr: ReplicaManager, model: Any) -> Op:
+    """``mgr.get(Item.select().where(Item.id == k))`` for a random ``k``, checked."""
+
+    async def op(rng: random.Random, _: int) -> None:
+        k = rng.randint(1, ROWS)
+        row = await mgr.get(model.select().where(model.id == k))
+        if row.id != k:
+            raise AssertionError("wrong row")
+
+    return op
+
+
 def plain_database(driver: str, dsn: str, pool_size: int) -> Any:
     """A plain peewee-async database on one server, with a fixed pool of ``pool_size``."""
     url = urlparse(dsn)

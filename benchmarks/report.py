@@ -113,7 +113,7 @@ def goals(results: dict[str, Any]) -> list[Row]:
         rows.append(
             {
                 "scenario": "1. Routing decision cost",
-                "contenders": "`_read_target` (2 replicas) + cached `classify_query`",
+                "contenders": "`engine.reads.target` (2 replicas) + cached `classify_query`",
                 "medians": f"{_num(dec['pick_2_replicas_causal_us'], 2)} + "
                 f"{_num(dec['classify_cached_us'], 2)} µs",
                 "ratio": f"{_num(dec['decision_us'], 2)} µs",
@@ -467,7 +467,7 @@ def _details(results: dict[str, Any]) -> list[str]:
         lines += [
             "",
             "Decision cost (timeit, µs per call): "
-            f"`_read_target` 1 replica eventual {_num(dec['pick_1_replica_eventual_us'], 2)}, "
+            f"`reads.target` 1 replica eventual {_num(dec['pick_1_replica_eventual_us'], 2)}, "
             f"2 replicas causal {_num(dec['pick_2_replicas_causal_us'], 2)}; "
             f"`classify_query` cached {_num(dec['classify_cached_us'], 2)}; "
             f"for scale, compiling the query (both sides pay it) "

@@ -22,6 +22,7 @@ from .common import (
     Context,
     delta,
     item_model,
+    lookup_op,
     median,
     node_reads,
     opened,
@@ -41,7 +42,7 @@ def _decision_costs(mgr1: ReplicaManager, mgr2: ReplicaManager, number: int) -> 
     """µs per call of the router's pick and of the (cached) classifier, by ``timeit``."""
     item = item_model(mgr2.database)
     query = item.select().where(item.id == 42).limit(1)
-    sql, _params = mgr2._compile(query)
+    sql, _params = mgr2.database.engine.compile(query)
 
     def per_call(stmt: str, env: dict[str, Any]) -> float:
         timer = timeit.Timer(stmt, globals=env)
@@ -51,10 +52,10 @@ def _decision_costs(mgr1: ReplicaManager, mgr2: ReplicaManager, number: int) -> 
     empty: set[Any] = set()
     out: dict[str, Any] = {
         "pick_1_replica_eventual_us": per_call(
-            "pick(None, ex, None)", {"pick": mgr1._read_target, "ex": empty}
+            "pick(None, ex, None)", {"pick": mgr1.database.engine.reads.target, "ex": empty}
         ),
         "pick_2_replicas_causal_us": per_call(
-            "pick(None, ex, None)", {"pick": mgr2._read_target, "ex": empty}
+            "pick(None, ex, None)", {"pick": mgr2.database.engine.reads.target, "ex": empty}
         ),
         "classify_cached_us": per_call(
             "classify(q, s)", {"classify": classify_query, "q": query, "s": sql}
@@ -63,9 +64,9 @@ def _decision_costs(mgr1: ReplicaManager, mgr2: ReplicaManager, number: int) -> 
     }
     # Compiling is ~50x slower than a pick: fewer calls keep the run short.
     compile_number = max(1000, number // 20)
-    runs = timeit.Timer("compile(q)", globals={"compile": mgr2._compile, "q": query}).repeat(
-        repeat=5, number=compile_number
-    )
+    runs = timeit.Timer(
+        "compile(q)", globals={"compile": mgr2.database.engine.compile, "q": query}
+    ).repeat(repeat=5, number=compile_number)
     out["compile_us"] = median(runs) / compile_number * 1e6
     out["decision_us"] = out["pick_2_replicas_causal_us"] + out["classify_cached_us"]
     return {k: rnd(v, 3) if isinstance(v, float) else v for k, v in out.items()}
@@ -104,15 +105,6 @@ async def run(ctx: Context) -> dict[str, Any]:
             r_item = item_model(mgr.database)
             p_item = item_model(db)
 
-            def make_areplica(m: ReplicaManager = mgr, model: Any = r_item) -> Any:
-                async def op(rng: random.Random, _: int) -> None:
-                    k = rng.randint(1, ROWS)
-                    row = await m.get(model.select().where(model.id == k))
-                    if row.id != k:
-                        raise AssertionError("wrong row")
-
-                return op
-
             def make_plain(d: Any = db, model: Any = p_item) -> Any:
                 async def op(rng: random.Random, _: int) -> None:
                     k = rng.randint(1, ROWS)
@@ -122,7 +114,7 @@ async def run(ctx: Context) -> dict[str, Any]:
 
                 return op
 
-            contenders[f"areplica/{driver}"] = make_areplica()
+            contenders[f"areplica/{driver}"] = lookup_op(mgr, r_item)
             contenders[f"peewee-async/{driver}"] = make_plain()
 
         two = await stack.enter_async_context(

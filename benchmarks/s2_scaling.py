@@ -22,6 +22,7 @@ from .common import (
     ROWS,
     TABLE,
     Context,
+    Op,
     delta,
     median,
     node_reads,
@@ -36,6 +37,18 @@ from .common import (
 
 SLEEP_MS = 2
 SQL = f"SELECT id FROM {TABLE} WHERE id = %s AND pg_sleep({SLEEP_MS / 1000}) IS NOT NULL"
+
+
+def sleepy_op(mgr: ReplicaManager) -> Op:
+    """One 2 ms primary-key read through ``mgr``, checked."""
+
+    async def op(rng: random.Random, _: int) -> None:
+        k = rng.randint(1, ROWS)
+        rows = await mgr.execute_sql(SQL, (k,))
+        if not rows or rows[0][0] != k:
+            raise AssertionError("wrong row")
+
+    return op
 
 
 async def run(ctx: Context) -> dict[str, Any]:
@@ -71,16 +84,7 @@ async def run(ctx: Context) -> dict[str, Any]:
                 name = f"{count} replicas + primary reads (areplica, primary_weight=1)"
             managers[name] = mgr
 
-            def make(m: ReplicaManager = mgr) -> Any:
-                async def op(rng: random.Random, _: int) -> None:
-                    k = rng.randint(1, ROWS)
-                    rows = await m.execute_sql(SQL, (k,))
-                    if not rows or rows[0][0] != k:
-                        raise AssertionError("wrong row")
-
-                return op
-
-            contenders[name] = make()
+            contenders[name] = sleepy_op(mgr)
 
         for op in contenders.values():
             await run_load(op, concurrency=s.s2_concurrency, duration=s.warmup_seconds)

@@ -26,6 +26,7 @@ from .common import (
     create_schema,
     delta,
     item_model,
+    lookup_op,
     median,
     node_reads,
     opened,
@@ -48,14 +49,7 @@ async def _contender(
     replicas = {n: topo.dsn(n) for n in ("replica-1", "replica-2")}
     if name == "areplica":
         async with opened_manager(topo.dsn("primary"), replicas, pool_size=pool_size) as mgr:
-            model = item_model(mgr.database)
-
-            async def op(rng: random.Random, _: int) -> None:
-                k = rng.randint(1, ROWS)
-                row = await mgr.get(model.select().where(model.id == k))
-                if row.id != k:
-                    raise AssertionError("wrong row")
-
+            op = lookup_op(mgr, item_model(mgr.database))
             before = node_reads(mgr)
             try:
                 yield op

@@ -32,7 +32,7 @@ import logging
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import peewee
 import peewee_async
@@ -40,12 +40,13 @@ from peewee_async.databases import FetchResults
 from peewee_async.pool import PoolBackend
 
 from .consistency import WAL_POSITION_SQL, parse_lsn, token_position
+from .core import Lifecycle
+from .dsn import NodeDSN
+from .engine import Engine
 from .errors import ClosedError, ConfigurationError
 from .routing import QueryKind, classify_sql
-
-if TYPE_CHECKING:
-    from .dsn import NodeDSN
-    from .manager import ReplicaManager
+from .sessions import Route
+from .transactions import Adopted, Binding
 
 __all__ = [
     "DatabaseClosedError",
@@ -78,17 +79,18 @@ class DatabaseClosedError(ClosedError, RuntimeError):
     """
 
 
-class _TestCase(Protocol):
-    """What the database asks an active ``areplica.testing.TransactionTestCase``."""
+class Opener(Protocol):
+    """What the database asks of its manager: open it (lazy connect) and close it."""
 
-    def is_root(self, binding: Any) -> bool:
-        """True when ``binding`` is the test's transaction and no user transaction is open."""
+    @property
+    def name(self) -> str:
+        """The manager's name."""
 
-    def in_user_block(self) -> bool:
-        """True inside a user transaction or connection block of the test."""
+    async def connect(self) -> None:
+        """Open the manager (a no-op when open)."""
 
-    def manual_begun(self, delta: int) -> None:
-        """A manual ``aio_begin()`` turned into a savepoint started (+1) or ended (-1)."""
+    async def close(self) -> None:
+        """Close the manager."""
 
 
 class _ManagerPoolBackend(PoolBackend):
@@ -139,27 +141,27 @@ class RoutedTransaction(peewee_async.Transaction):
 
     def __init__(
         self,
-        database: _RoutingMixin,
-        binding: Any,
+        engine: Engine,
+        binding: Binding,
         *,
         is_savepoint: bool,
-        test_case: _TestCase | None = None,
+        adopted: Adopted | None = None,
     ) -> None:
         super().__init__(binding.conn, is_savepoint=is_savepoint)
-        self._database = database
+        self._engine = engine
         self._binding = binding
         self._outer_transaction = bool(binding.transaction)
-        self._test_case = test_case  # set: a manual BEGIN turned into a test savepoint
+        self._adopted = adopted  # set: a manual BEGIN turned into a test savepoint
         self._open = False
 
     async def execute(self, sql: str) -> None:
-        await self._database._manager._run_bound(self._binding, sql, None, None)
+        await self._engine.transactions.run_bound(self._binding, sql, None, None)
 
     async def begin(self) -> None:
         await super().begin()
         self._open = True
-        if self._test_case is not None:
-            self._test_case.manual_begun(+1)
+        if self._adopted is not None:
+            self._adopted.manual_begun(+1)
         elif not self.is_savepoint:
             # Nested aio_atomic() blocks become savepoints, aio_transaction() raises.
             self._binding.transaction = True
@@ -171,7 +173,7 @@ class RoutedTransaction(peewee_async.Transaction):
             self._end()  # a failed COMMIT ends the transaction too (PostgreSQL rolls it back)
             raise
         if self._end() and self._binding.wrote:
-            await self._database._manager._after_write_bound(self._binding)
+            await self._engine.transactions.after_write_bound(self._binding)
             self._binding.wrote = False
 
     async def rollback(self) -> None:
@@ -185,8 +187,8 @@ class RoutedTransaction(peewee_async.Transaction):
         if not self._open:
             return False
         self._open = False
-        if self._test_case is not None:
-            self._test_case.manual_begun(-1)
+        if self._adopted is not None:
+            self._adopted.manual_begun(-1)
             return False
         if self.is_savepoint:
             return False
@@ -197,33 +199,38 @@ class RoutedTransaction(peewee_async.Transaction):
 class _RoutingMixin:
     """Overrides of peewee-async's I/O entry points that hand every query to a manager."""
 
-    _manager: ReplicaManager
-    _test_case: _TestCase | None
+    _engine: Engine
+    _opener: Opener
     pool_backend_cls = _ManagerPoolBackend
 
-    def _bind_manager(self, manager: ReplicaManager) -> None:
-        self._manager = manager
-        self._test_case = None
+    def _bind(self, engine: Engine, opener: Opener) -> None:
+        self._engine = engine
+        self._opener = opener
         self._open_lock: asyncio.Lock | None = None
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} of {self._manager.name!r}>"
+        return f"<{type(self).__name__} of {self._engine.core.name!r}>"
 
     @property
-    def manager(self) -> ReplicaManager:
+    def manager(self) -> Opener:
         """The manager this database routes through."""
-        return self._manager
+        return self._opener
+
+    @property
+    def engine(self) -> Engine:
+        """The manager's query engine (for test cases and integrations, not applications)."""
+        return self._engine
 
     # ------------------------------------------------------------------ lifecycle
 
     @property
     def is_connected(self) -> bool:
         """True while the manager is open (peewee-async: while the pool is)."""
-        return self._manager.is_open
+        return self._engine.core.is_open
 
     async def aio_connect(self) -> None:
         """Open the manager; reopens it after ``aio_close()``. A no-op when open."""
-        await self._manager.connect()
+        await self._opener.connect()
 
     async def aio_close(self) -> None:
         """Close the manager (every pool, the health task) until ``aio_connect()``.
@@ -231,40 +238,44 @@ class _RoutingMixin:
         On a manager that was never opened this does nothing, as peewee-async's does on a
         pool never created: the next query still connects lazily.
         """
-        if _never_opened(self._manager):
+        if self._never_opened():
             return
-        await self._manager.close()
+        await self._opener.close()
+
+    def _never_opened(self) -> bool:
+        """True for a manager that was never connected (peewee-async: no pool created yet)."""
+        return self._engine.core.lifecycle is Lifecycle.NEW
 
     async def _ensure_open(self) -> None:
         """Lazy connect (a manager never opened), or ``DatabaseClosedError`` (a closed one)."""
-        manager = self._manager
-        if manager.is_open:
+        core = self._engine.core
+        if core.is_open:
             return
-        if not _never_opened(manager):
+        if not self._never_opened():
             raise DatabaseClosedError(
-                f"manager {manager.name!r} is closed: await mgr.database.aio_connect() "
+                f"manager {core.name!r} is closed: await mgr.database.aio_connect() "
                 "(or mgr.connect()) to reopen it"
             )
         if self._open_lock is None:
             self._open_lock = asyncio.Lock()
         async with self._open_lock:  # concurrent first queries connect once
-            if not manager.is_open:
-                if not _never_opened(manager):
-                    raise DatabaseClosedError(f"manager {manager.name!r} was closed meanwhile")
-                await manager.connect()
+            if not core.is_open:
+                if not self._never_opened():
+                    raise DatabaseClosedError(f"manager {core.name!r} was closed meanwhile")
+                await self._opener.connect()
 
     # ------------------------------------------------------------------ queries
 
     async def aio_execute(self, query: Any, fetch_results: FetchResults | None = None) -> Any:
         """Execute a peewee query, routed; returns what peewee-async's ``aio_execute`` does."""
-        manager = self._manager
-        if not manager.is_open:
+        engine = self._engine
+        if not engine.core.is_open:
             await self._ensure_open()
         if sql_logger.isEnabledFor(logging.DEBUG):
-            sql_logger.debug(manager._compile(query))
+            sql_logger.debug(engine.compile(query))
         # peewee-async's result handling exactly: the query's own fetch_results, else None.
         fetch = fetch_results or getattr(query, "fetch_results", None) or _no_results
-        return await manager._execute(query, fetch)
+        return await engine.execute(query, fetch)
 
     async def aio_execute_sql(
         self,
@@ -273,22 +284,22 @@ class _RoutingMixin:
         fetch_results: FetchResults | None = None,
     ) -> Any:
         """Execute raw SQL, routed by the classifier."""
-        manager = self._manager
-        if not manager.is_open:
+        engine = self._engine
+        if not engine.core.is_open:
             await self._ensure_open()
         if sql_logger.isEnabledFor(logging.DEBUG):
             sql_logger.debug((sql, params))
-        return await manager._execute_sql(sql, params, fetch_results)
+        return await engine.execute_sql(sql, params, fetch_results)
 
     async def aio_sequence_exists(self, seq: str) -> bool:
         """Catalog reads that decide DDL read the primary: never a replica's stale catalog."""
-        async with self._manager.primary():
+        async with self._engine.sessions.scope(Route("primary")):
             exists: bool = await super().aio_sequence_exists(seq)  # type: ignore[misc]
         return exists
 
     async def aio_get_tables(self, schema: str | None = None) -> list[str]:
         """The primary's tables (``aio_table_exists`` and ``aio_create_table`` use it)."""
-        async with self._manager.primary():
+        async with self._engine.sessions.scope(Route("primary")):
             tables: list[str] = await super().aio_get_tables(schema)  # type: ignore[misc]
         return tables
 
@@ -298,10 +309,10 @@ class _RoutingMixin:
         """True inside an ``aio_connection()`` (or transaction) block of this database."""
         if id(self) in _IN_CONNECTION.get():
             return True
-        case = self._test_case
-        if case is not None:
-            return case.in_user_block()
-        return self._manager._binding() is not None  # mgr.atomic() / mgr.transaction()
+        adopted = self._engine.transactions.adopted
+        if adopted is not None:
+            return adopted.in_user_block()
+        return self._engine.transactions.binding() is not None  # mgr.atomic() / transaction()
 
     @contextlib.contextmanager
     def _connection_scope(self) -> Iterator[None]:
@@ -319,14 +330,14 @@ class _RoutingMixin:
         outside a transaction in the block record the causal token when the block ends.
         """
         await self._ensure_open()
-        manager = self._manager
-        owner = manager._binding() is None
+        transactions = self._engine.transactions
+        owner = transactions.binding() is None
         with self._connection_scope():
-            async with manager._pinned_primary() as conn:
+            async with transactions.pinned_primary() as conn:
                 if not owner:
                     yield conn
                     return
-                binding = manager._binding()
+                binding = transactions.binding()
                 try:
                     yield conn
                 except BaseException:
@@ -337,11 +348,11 @@ class _RoutingMixin:
                 if binding is not None and binding.wrote:
                     await self._note_pinned_writes(binding)
 
-    async def _note_pinned_writes(self, binding: Any) -> None:
+    async def _note_pinned_writes(self, binding: Binding) -> None:
         # Autocommit writes on a pinned connection: the token covers them once the block
         # ends. A transaction still open here is rolled back on release: nothing to cover.
         if not binding.transaction:
-            await self._manager._after_write_bound(binding)
+            await self._engine.transactions.after_write_bound(binding)
             binding.wrote = False
 
     def aio_atomic(self) -> AbstractAsyncContextManager[None]:
@@ -352,7 +363,7 @@ class _RoutingMixin:
     async def _atomic(self) -> AsyncIterator[None]:
         await self._ensure_open()
         with self._connection_scope():
-            async with self._manager.atomic():
+            async with self._engine.transactions.atomic():
                 yield None
 
     def aio_transaction(self) -> AbstractAsyncContextManager[None]:
@@ -362,14 +373,14 @@ class _RoutingMixin:
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[None]:
         await self._ensure_open()
-        manager = self._manager
-        binding = manager._binding()
+        transactions = self._engine.transactions
+        binding = transactions.binding()
         if binding is not None and binding.transaction:
-            case = self._test_case
-            if case is None or not case.is_root(binding):
+            adopted = transactions.adopted
+            if adopted is None or not adopted.is_root(binding):
                 raise peewee.OperationalError(_TRANSACTION_OPENED)
         with self._connection_scope():
-            async with manager.transaction():
+            async with transactions.transaction():
                 yield None
 
     async def aio_begin(self) -> RoutedTransaction:
@@ -381,18 +392,18 @@ class _RoutingMixin:
         return await self._aio_begin(use_savepoint=True)
 
     async def _aio_begin(self, use_savepoint: bool = False) -> RoutedTransaction:
-        binding = self._manager._binding() if self._in_connection() else None
+        transactions = self._engine.transactions
+        binding = transactions.binding() if self._in_connection() else None
         if binding is None:
             raise peewee.OperationalError(_NOT_IN_CONNECTION)
-        case = self._test_case
-        test_case = case if case is not None and not use_savepoint else None
-        if test_case is not None and not test_case.is_root(binding):
-            test_case = None
+        adopted = transactions.adopted if not use_savepoint else None
+        if adopted is not None and not adopted.is_root(binding):
+            adopted = None
         transaction = RoutedTransaction(
-            self,
+            self._engine,
             binding,
-            is_savepoint=use_savepoint or test_case is not None,
-            test_case=test_case,
+            is_savepoint=use_savepoint or adopted is not None,
+            adopted=adopted,
         )
         await transaction.begin()
         return transaction
@@ -407,10 +418,10 @@ class _RoutingMixin:
         to the primary. A fresh dict on every read.
         """
         stored: dict[str, Any] = self.__dict__.setdefault("_connect_params", {})
-        manager = self.__dict__.get("_manager")
-        if manager is None:  # peewee's __init__ / init() fill the stored dict in place
+        engine = self.__dict__.get("_engine")
+        if engine is None:  # peewee's __init__ / init() fill the stored dict in place
             return stored
-        return {**stored, **_sync_target(manager).params}
+        return {**stored, **_sync_target(engine).params}
 
     @connect_params.setter
     def connect_params(self, value: Mapping[str, Any]) -> None:
@@ -434,25 +445,20 @@ class _RoutingMixin:
         self._note_sync_write()
 
     def _note_sync_write(self) -> None:
-        manager = self._manager
-        if manager.consistency != "causal":
-            manager._note_write(None)
+        engine = self._engine
+        if engine.core.options.consistency != "causal":
+            engine.sessions.note_write(None)
             return
         with peewee.__exception_wrapper__:  # type: ignore[attr-defined]
             cursor = self.cursor()  # type: ignore[attr-defined]
             cursor.execute(WAL_POSITION_SQL)
             row = cursor.fetchone()
-        manager._note_write(token_position(parse_lsn(row[0])))
+        engine.sessions.note_write(token_position(parse_lsn(row[0])))
 
 
-def _never_opened(manager: ReplicaManager) -> bool:
-    """True for a manager that was never connected (peewee-async: no pool created yet)."""
-    return manager._lifecycle.value == "new"
-
-
-def _sync_target(manager: ReplicaManager) -> NodeDSN:
+def _sync_target(engine: Engine) -> NodeDSN:
     """Where sync queries go: the current primary, or the first configured one."""
-    cluster = manager.cluster
+    cluster = engine.core.cluster
     node = cluster.primary
     if node is None:  # before connect: the first configured primary, else the first member
         members = list(cluster)
@@ -468,9 +474,13 @@ class PsycopgRoutingDatabase(_RoutingMixin, peewee_async.Psycopg3Database):
     """The routing database for the psycopg 3 driver (peewee's psycopg 3 dialect)."""
 
 
-def routing_database_for(manager: ReplicaManager, driver: str, dbname: str | None) -> Any:
-    """A routing database of the driver's dialect, bound to ``manager`` (no I/O)."""
+def routing_database_for(engine: Engine, opener: Opener, driver: str, dbname: str | None) -> Any:
+    """A routing database of the driver's dialect over ``engine`` (no I/O).
+
+    ``opener`` (the manager) opens and closes it: the first query connects lazily.
+    """
     cls = PsycopgRoutingDatabase if driver == "psycopg" else RoutingDatabase
     database = cls(dbname)
-    database._bind_manager(manager)
+    database._bind(engine, opener)
+    engine.core.database = database
     return database

@@ -27,6 +27,7 @@ from ._compat import timeout as _timeout
 from .cluster import Cluster, Identity
 from .consistency import parse_lsn, token_position
 from .node import Node, NodeStatus, State
+from .options import Options
 
 __all__ = ["HealthMonitor", "HealthSettings", "HealthState", "ProbeResult", "probe"]
 
@@ -278,6 +279,20 @@ class HealthSettings:
     max_lag: float | None
     max_lag_bytes: int | None
     slow_factor: float | None
+
+    @classmethod
+    def of(cls, options: Options) -> HealthSettings:
+        """The health settings of a manager's options."""
+        return cls(
+            options.name,
+            options.health_interval,
+            options.health_timeout,
+            options.fail_after,
+            options.recover_after,
+            options.max_lag,
+            options.max_lag_bytes,
+            options.slow_factor,
+        )
 
 
 StateCallback = Callable[[NodeStatus, NodeStatus], Any]

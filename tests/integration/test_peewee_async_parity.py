@@ -573,7 +573,8 @@ async def test_sql_logging_costs_nothing_when_off(topo: LocalTopology) -> None:
     token = reset_tables(topo)
     mgr = make_manager(topo)
     calls = 0
-    compile_ = mgr._compile
+    engine = mgr.database.engine
+    compile_ = engine.compile
 
     def counting(query: Any) -> Any:
         nonlocal calls
@@ -584,7 +585,7 @@ async def test_sql_logging_costs_nothing_when_off(topo: LocalTopology) -> None:
     assert not log.isEnabledFor(logging.DEBUG)
     async with mgr, mgr.session(token):
         with mgr.database.bind_ctx(MODELS):
-            mgr._compile = counting  # type: ignore[method-assign]
+            engine.compile = counting  # type: ignore[method-assign]
             await Writer.select().aio_execute()
             assert calls == 1
 

@@ -153,7 +153,7 @@ def test_a_manager_hides_every_password_word(case: Case, as_replica: bool) -> No
         assert_hidden(case, [str(exc), repr(exc)])
         assert exc.__cause__ is None
         return
-    for node in mgr._all_nodes():
+    for node in mgr.cluster:
         # What a driver error quoting the password would leave after note_error().
         node.note_error(OSError(f"connection failed (password {node.dsn.password})"))
     statuses = mgr.status()

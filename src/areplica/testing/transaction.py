@@ -25,24 +25,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from contextvars import ContextVar
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
-from unittest import mock
+from typing import Any
 
+from ..engine import Engine
 from ..errors import ConfigurationError
-
-if TYPE_CHECKING:
-    from ..manager import ReplicaManager
+from ..transactions import Adopted, Binding
 
 __all__ = ["TransactionTestCase"]
 
 logger = logging.getLogger("areplica")
-
-# The test transaction whose user-level block (a top-level transaction turned savepoint,
-# or an aio_connection() block) the current task is inside. Child tasks inherit it.
-_USER_BLOCK: ContextVar[object | None] = ContextVar("areplica_test_user_block", default=None)
 
 
 class TransactionTestCase:
@@ -54,67 +46,55 @@ class TransactionTestCase:
     """
 
     def __init__(self, database: Any) -> None:
-        manager = getattr(database, "manager", None) if hasattr(database, "aio_execute") else None
-        if manager is None:
-            manager = database
-        if not hasattr(manager, "database") or not hasattr(manager.database, "_bind_manager"):
+        if not isinstance(getattr(database, "engine", None), Engine):
+            database = getattr(database, "database", None)
+        engine = getattr(database, "engine", None)
+        if not isinstance(engine, Engine):
             raise ConfigurationError(
                 f"TransactionTestCase: expected mgr.database or a ReplicaManager, got {database!r}",
                 option="database",
             )
-        self.manager: ReplicaManager = manager
-        self.database: Any = manager.database
-        self._binding: Any = None
-        self._manual = 0
+        self.database: Any = database
+        self.engine = engine
+        self._binding: Binding | None = None
         self._holder: asyncio.Task[None] | None = None
         self._done: asyncio.Event | None = None
-        self._patches: contextlib.ExitStack | None = None
+        self._adoption: contextlib.ExitStack | None = None
+
+    @property
+    def name(self) -> str:
+        """The manager's name."""
+        return self.engine.core.name
 
     def __repr__(self) -> str:
         state = "active" if self._binding is not None else "idle"
-        return f"<TransactionTestCase of {self.manager.name!r} {state}>"
+        return f"<TransactionTestCase of {self.name!r} {state}>"
 
-    # ------------------------------------------------------------------ what the database asks
-
-    def is_root(self, binding: Any) -> bool:
-        """True when ``binding`` is this test's transaction and no user transaction is open."""
-        return (
-            binding is not None
-            and binding is self._binding
-            and _USER_BLOCK.get() is not binding
-            and self._manual == 0
-        )
-
-    def in_user_block(self) -> bool:
-        """True inside a user transaction of the test (peewee-async: inside aio_connection)."""
-        return self._binding is not None and _USER_BLOCK.get() is self._binding
-
-    def manual_begun(self, delta: int) -> None:
-        """A manual ``aio_begin()`` (a savepoint here) started (+1) or ended (-1)."""
-        self._manual = max(0, self._manual + delta)
+    @property
+    def adopted(self) -> Adopted | None:
+        """The adopted transaction while the block runs."""
+        return self.engine.transactions.adopted if self._binding is not None else None
 
     # ------------------------------------------------------------------ enter / exit
 
     async def __aenter__(self) -> TransactionTestCase:
         if self._holder is not None:
             raise RuntimeError(f"{self!r} is already active")
-        database, manager = self.database, self.manager
-        if database._test_case is not None:
-            raise RuntimeError(
-                f"a TransactionTestCase is already active on manager {manager.name!r}"
-            )
-        await database._ensure_open()
-        if manager._binding() is not None:
+        transactions = self.engine.transactions
+        if transactions.adopted is not None:
+            raise RuntimeError(f"a TransactionTestCase is already active on manager {self.name!r}")
+        await self.database._ensure_open()
+        if transactions.binding() is not None:
             raise RuntimeError(
                 "TransactionTestCase cannot start inside a transaction or aio_connection()"
             )
         loop = asyncio.get_running_loop()
-        ready: asyncio.Future[Any] = loop.create_future()
+        ready: asyncio.Future[Binding] = loop.create_future()
         self._done = asyncio.Event()
         # The connection is pinned in a task of its own: the manager's ContextVar is set and
         # reset there, whatever task or context (a pytest fixture) enters and exits us.
         self._holder = asyncio.create_task(
-            self._hold(ready, self._done), name=f"{manager.name}-test-transaction"
+            self._hold(ready, self._done), name=f"{self.name}-test-transaction"
         )
         try:
             self._binding = await asyncio.shield(ready)
@@ -122,30 +102,8 @@ class TransactionTestCase:
             self._done.set()
             await asyncio.shield(self._finish())
             raise
-        self._patches = contextlib.ExitStack()
-        original_binding = manager._binding
-        original_atomic = manager.atomic
-        original_transaction = manager.transaction
-
-        def binding() -> Any:
-            own = original_binding()
-            if own is not None:
-                return own
-            test = self._binding
-            return test if test is not None and test.active else None
-
-        def atomic() -> contextlib.AbstractAsyncContextManager[Any]:
-            return self._user_block(original_atomic)
-
-        def transaction() -> contextlib.AbstractAsyncContextManager[Any]:
-            if self.is_root(binding()):
-                return self._user_block(original_atomic)  # a savepoint of the test's one
-            return original_transaction()
-
-        self._patches.enter_context(mock.patch.object(manager, "_binding", binding))
-        self._patches.enter_context(mock.patch.object(manager, "atomic", atomic))
-        self._patches.enter_context(mock.patch.object(manager, "transaction", transaction))
-        database._test_case = self
+        self._adoption = contextlib.ExitStack()
+        self._adoption.enter_context(transactions.adopt(self._binding))
         return self
 
     async def __aexit__(
@@ -154,49 +112,28 @@ class TransactionTestCase:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._patches is not None:
-            self._patches.close()
-            self._patches = None
-        self.database._test_case = None
+        if self._adoption is not None:
+            self._adoption.close()
+            self._adoption = None
         if self._done is not None:
             self._done.set()
         await asyncio.shield(self._finish())
 
-    @contextlib.asynccontextmanager
-    async def _user_block(self, opener: Any) -> AsyncIterator[Any]:
-        token = _USER_BLOCK.set(self._binding) if self.is_root(self.manager._binding()) else None
+    async def _hold(self, ready: asyncio.Future[Binding], done: asyncio.Event) -> None:
+        transactions = self.engine.transactions
         try:
-            async with opener() as scope:
-                yield scope
-        finally:
-            if token is not None:
-                _USER_BLOCK.reset(token)
-
-    async def _hold(self, ready: asyncio.Future[Any], done: asyncio.Event) -> None:
-        manager = self.manager
-        try:
-            async with manager._pinned_primary():
-                binding = manager._binding()
-                if binding is None:  # pragma: no cover - _pinned_primary() always binds
+            async with transactions.pinned_primary():
+                binding = transactions.binding()
+                if binding is None:  # pragma: no cover - pinned_primary() always binds
                     raise RuntimeError("no pinned primary connection")
-                await manager._run_bound(binding, "BEGIN", None, None)
+                await transactions.run_bound(binding, "BEGIN", None, None)
                 binding.transaction = True
                 ready.set_result(binding)
                 try:
                     await done.wait()
                 finally:
                     binding.transaction = False
-                    # A broken connection (a statement was cancelled) is discarded on
-                    # release instead: the server aborts its transaction when it closes.
-                    if not binding.broken:
-                        try:
-                            await manager._run_bound(binding, "ROLLBACK", None, None)
-                        except Exception:
-                            binding.broken = True
-                            logger.warning(
-                                "%s: test transaction rollback failed; connection discarded",
-                                manager.name,
-                            )
+                    await self._roll_back(binding)
         except BaseException as exc:
             if not ready.done():
                 if isinstance(exc, Exception):
@@ -205,10 +142,20 @@ class TransactionTestCase:
                     ready.cancel()
             raise
 
+    async def _roll_back(self, binding: Binding) -> None:
+        # A broken connection (a statement was cancelled) is discarded on release instead:
+        # the server aborts its transaction when it closes.
+        if binding.broken:
+            return
+        try:
+            await self.engine.transactions.run_bound(binding, "ROLLBACK", None, None)
+        except Exception:
+            binding.broken = True
+            logger.warning("%s: test transaction rollback failed; connection discarded", self.name)
+
     async def _finish(self) -> None:
         holder, self._holder = self._holder, None
         self._binding = None
-        self._manual = 0
         if holder is not None:
             with contextlib.suppress(Exception):
                 await holder

@@ -1,0 +1,425 @@
+"""The read path: candidates, eligibility, the policy's choice, catch-up, slot waits, retry.
+
+How a replica is chosen (DESIGN.md section 3, rules 2, 4 and 5): a scope or ``on=`` decides
+first; otherwise every standby that is ``up``, has read weight above 0, is within the lag
+limits (and the call's ``max_staleness``) and, in ``causal`` mode, has replayed the session's
+position is eligible, and the policy picks one (preferring nodes with a free connection).
+When only the causal position keeps the replicas out, the read waits up to ``causal_wait``
+for one to catch up, then falls back to the primary (or raises ``NoReplicaAvailableError``).
+
+What happens when a read fails: a connection-level failure, a ``read_timeout``, a full pool
+or a recovery conflict on a standby runs the read again on another eligible node (then the
+primary), up to ``read_retries`` times; a connection failure also takes the node down at
+once. A standby that refuses a "read" as a write (SQLSTATE 25006) sends it once to the
+primary. SQL errors pass through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import peewee
+
+from ._compat import bounded, within
+from .consistency import parse_lsn, token_position
+from .core import Core
+from .errors import (
+    NodeUnavailableError,
+    NoPrimaryError,
+    NoReplicaAvailableError,
+    PoolTimeoutError,
+    ReadTimeoutError,
+)
+from .node import Node, NodePool, take_slot
+from .results import FetchResults, fetchone_raw
+from .sessions import Route, Session, Sessions
+from .writes import WritePath
+
+__all__ = ["ReadPath"]
+
+logger = logging.getLogger("areplica")
+
+_REPLAY_SQL = "SELECT pg_last_wal_replay_lsn()::text"
+#: The primary's insert position (what a genuine token can be at most) and its flush
+#: position (what standbys can have received: WAL is sent once flushed).
+_CURRENT_SQL = "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"
+
+
+class _CatchUp(Exception):
+    """Internal: only the causal token keeps these replicas from a read; wait for them."""
+
+    def __init__(self, nodes: list[Node], lsn: int) -> None:
+        self.nodes = nodes
+        self.lsn = lsn
+
+
+class ReadPath:
+    """Reads of one manager (see the module docstring)."""
+
+    def __init__(
+        self,
+        core: Core,
+        sessions: Sessions,
+        writes: WritePath,
+        policy: Callable[[Sequence[Any]], Any],
+    ) -> None:
+        self._core = core
+        self._sessions = sessions
+        self._writes = writes
+        self._policy = policy
+
+    # ------------------------------------------------------------------ choosing a node
+
+    def eligible(
+        self,
+        exclude: Iterable[Node],
+        max_staleness: float | None,
+        min_lsn: int | None,
+        *,
+        with_primary: bool = True,
+        spill: bool = True,
+    ) -> list[Node]:
+        """The nodes that may serve a read now; those with a free connection when ``spill``."""
+        out = [
+            node
+            for node in self._core.cluster.readers()
+            if _serves(node, exclude, max_staleness, min_lsn)
+        ]
+        primary = self._core.cluster.primary
+        if with_primary and self._core.options.primary_weight > 0 and primary is not None:
+            if primary.state == "up" and not primary.paused and primary not in exclude:
+                out.append(primary)  # one more reader, always caught up, at primary_weight
+        if spill and len(out) > 1 and any(node.pool.saturated for node in out):
+            # A node whose every connection is taken (load, or queries stuck on a hung
+            # server) makes a read wait; spill to one with room when there is one.
+            free = [node for node in out if not node.pool.saturated]
+            if free:
+                return free
+        return out
+
+    def target(
+        self,
+        route: Route | None,
+        exclude: set[Node],
+        max_staleness: float | None,
+        session: Session | None = None,
+    ) -> Node:
+        """Pick the node for a read (rules 2, 4 and 5 of DESIGN.md)."""
+        return self.pick(self.candidates(route, exclude, max_staleness, session))
+
+    def pick(self, nodes: list[Node]) -> Node:
+        """The policy's choice among a read's candidates (no call for a single one)."""
+        return nodes[0] if len(nodes) == 1 else self._policy(nodes)
+
+    def candidates(
+        self,
+        route: Route | None,
+        exclude: set[Node],
+        max_staleness: float | None,
+        session: Session | None,
+    ) -> list[Node]:
+        """The nodes a read may go to now, those with a free connection first.
+
+        More than one only for a choice of the policy: the eligible replicas, and only the
+        ones with room when some have (``eligible``). Raises ``_CatchUp`` when the
+        session's replicas must be waited for.
+        """
+        if route is not None and route.target == "primary":
+            return [self.readable_primary()]
+        if route is not None and route.name is not None:
+            return [self._named(route.name, exclude)]
+        if route is None and self._sessions.sticky(session):
+            return [self.readable_primary()]
+        min_lsn = self._sessions.min_lsn(session)
+        eligible = self.eligible(exclude, max_staleness, min_lsn, with_primary=route is None)
+        if eligible:
+            return eligible
+        if min_lsn is not None and self._core.options.causal_wait > 0:
+            behind = self.eligible(exclude, max_staleness, None)
+            if behind:
+                raise _CatchUp(behind, min_lsn)
+        return [self.fallback(route)]
+
+    def _named(self, name: str, exclude: set[Node]) -> Node:
+        node = self._core.cluster.get(name)
+        if node is None or node.retired or node.state == "down" or node in exclude:
+            state = "removed" if node is None or node.retired else node.state
+            raise NodeUnavailableError(f"{self._core.name}: replica {name!r} is {state}", node=name)
+        return node
+
+    def fallback(self, route: Route | None) -> Node:
+        """The primary for a read no replica can serve (or ``NoReplicaAvailableError``)."""
+        core = self._core
+        if route is not None:  # replica(): never the primary
+            raise NoReplicaAvailableError(
+                f"{core.name}: no eligible replica for a read in replica()"
+            )
+        if not core.options.fallback_to_primary:
+            raise NoReplicaAvailableError(
+                f"{core.name}: no eligible replica and fallback_to_primary is off"
+            )
+        core.counters.fallback_reads += 1
+        return self.readable_primary()
+
+    def readable_primary(self) -> Node:
+        """The primary for a read routed there; ``NoPrimaryError`` when it is not up."""
+        node = self._core.cluster.primary
+        if node is None or node.state != "up":
+            reason = (
+                "no primary is known" if node is None else f"primary {node.label} is {node.state}"
+            )
+            raise NoPrimaryError(f"{self._core.name}: {reason}", node=node.name if node else None)
+        return node
+
+    def still_eligible(
+        self,
+        node: Node,
+        route: Route | None,
+        tried: set[Node],
+        max_staleness: float | None,
+        session: Session | None,
+    ) -> bool:
+        """Whether ``node``, chosen before a wait for a slot, may still serve the read."""
+        eligible = self.eligible(
+            tried,
+            max_staleness,
+            self._sessions.min_lsn(session),
+            with_primary=route is None,
+            spill=False,
+        )
+        return node in eligible
+
+    # ------------------------------------------------------------------ the read
+
+    async def read(
+        self,
+        sql: str,
+        params: Sequence[Any] | None,
+        fetch: FetchResults | None,
+        route: Route | None,
+        max_staleness: float | None,
+    ) -> Any:
+        """Run a read on the node the rules choose, retrying elsewhere on failure."""
+        core = self._core
+        tried: set[Node] = set()
+        attempt = 0
+        session = self._sessions.current()
+        if session is not None and session.external and core.options.consistency == "causal":
+            await self._sessions.vet(session, self.current_positions)
+        deadline: float | None = None
+        while True:
+            node, nodes = await self._choose(route, tried, max_staleness, session)
+            held: NodePool | None = None
+            try:
+                if node.pool.saturated and len(nodes) > 1:
+                    # Every candidate is busy (the choice prefers one with room): take the
+                    # first slot freed on any of them, rather than queue behind one node
+                    # whose queries may be stuck on a hung server.
+                    if deadline is None and core.options.pool_timeout is not None:
+                        deadline = asyncio.get_running_loop().time() + core.options.pool_timeout
+                    held, node = await self._slot_on_any(nodes, deadline)
+                    if held.closed or not self.still_eligible(
+                        node, route, tried, max_staleness, session
+                    ):
+                        # Evicted, paused, lagging or closed while we waited: choose again.
+                        held.free_slot()
+                        core.require_open()
+                        continue
+                return await self.run_read(node, sql, params, fetch, held=held)
+            except Exception as exc:
+                if core.cut_by_close(exc):
+                    raise core.not_open() from exc
+                if self._refused_as_write(node, exc, sql):
+                    return await self._writes.write(sql, params, fetch)
+                if not self._retryable(node, exc, route, attempt):
+                    raise
+                attempt += 1
+                tried.add(node)
+                core.counters.retried_reads += 1
+                logger.info(
+                    "%s: read on %s failed (%s); retrying elsewhere",
+                    core.name,
+                    node.name,
+                    type(exc).__name__,
+                )
+
+    async def _choose(
+        self,
+        route: Route | None,
+        tried: set[Node],
+        max_staleness: float | None,
+        session: Session | None,
+    ) -> tuple[Node, list[Node]]:
+        """The node for this attempt and the candidates it was chosen from."""
+        try:
+            nodes = self.candidates(route, tried, max_staleness, session)
+            return self.pick(nodes), nodes
+        except _CatchUp as wait:
+            node = await self._catch_up(wait.nodes, wait.lsn) or self.fallback(route)
+            return node, [node]
+
+    def _refused_as_write(self, node: Node, exc: Exception, sql: str) -> bool:
+        """A standby refused a "read" as a write (SQLSTATE 25006): the classifier erred."""
+        if node is self._core.cluster.primary or not self._core.driver.is_read_only_violation(exc):
+            return False
+        logger.warning(
+            "%s: replica %s refused a query classified as a read (SQLSTATE 25006); "
+            "running it once on the primary: %.80r",
+            self._core.name,
+            node.name,
+            sql,
+        )
+        return True
+
+    def _retryable(self, node: Node, exc: Exception, route: Route | None, attempt: int) -> bool:
+        """Whether a failed read may run again elsewhere (and what the failure says)."""
+        core = self._core
+        if isinstance(exc, (ReadTimeoutError, PoolTimeoutError)):
+            # A slow query or a busy pool: try elsewhere, but the node is not down.
+            retry = True
+        elif core.driver.is_disconnect(exc) or isinstance(exc, NodeUnavailableError):
+            retry = True
+            node.note_error(exc)
+            core.connection_failed(node, exc)
+        else:
+            retry = core.driver.is_recovery_conflict(exc) and node is not core.cluster.primary
+        named = route is not None and route.name is not None
+        return retry and attempt < core.options.read_retries and not named
+
+    async def _slot_on_any(
+        self, nodes: Sequence[Node], deadline: float | None
+    ) -> tuple[NodePool, Node]:
+        """A connection slot on the first of ``nodes`` to free one, held by the caller.
+
+        Raises ``PoolTimeoutError`` once ``deadline`` (``pool_timeout``) has passed.
+        """
+        pools = {node.pool: node for node in nodes}
+        remaining = None
+        if deadline is not None:
+            remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        held = await take_slot(tuple(pools), remaining)
+        if held is None:
+            names = ", ".join(repr(node.name) for node in nodes)
+            raise PoolTimeoutError(
+                f"{self._core.name}: every connection of {names} stayed busy for "
+                f"{self._core.options.pool_timeout:g}s (pool_timeout); nothing was sent",
+                node=nodes[0].name,
+                timeout=self._core.options.pool_timeout,
+            )
+        return held, pools[held]
+
+    # ------------------------------------------------------------------ catch-up
+
+    async def _catch_up(self, nodes: list[Node], lsn: int) -> Node | None:
+        """Poll the replicas' replay positions until one reaches ``lsn`` or ``causal_wait``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._core.options.causal_wait
+        delay = 0.001  # replication on a LAN takes about a millisecond: look again soon
+        while True:
+            # Bounded by causal_wait: a hung replica must not hold the read longer.
+            answered, positions = await within(
+                asyncio.gather(
+                    *(self._replay_position(node) for node in nodes), return_exceptions=True
+                ),
+                max(deadline - loop.time(), 0.001),
+            )
+            if not answered or positions is None:
+                return None
+            ready = [
+                node
+                for node, position in zip(nodes, positions, strict=True)
+                if isinstance(position, int) and position >= lsn and node.state == "up"
+            ]
+            if ready:
+                self._core.counters.caught_up_reads += 1
+                return self.pick(ready)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.1)
+
+    async def _replay_position(self, node: Node) -> int:
+        row = await self.run_read(node, _REPLAY_SQL, None, fetchone_raw, count=False)
+        position = parse_lsn(row[0])
+        if node.lsn is None or position > node.lsn:
+            node.lsn = position
+        return position
+
+    async def current_positions(self) -> tuple[int, int] | None:
+        """The primary's insert and flush positions now; ``None`` when it cannot answer."""
+        primary = self._core.usable_primary()
+        if primary is None:
+            return None
+        try:
+            row = await self.run_read(primary, _CURRENT_SQL, None, fetchone_raw, count=False)
+            return token_position(parse_lsn(row[0])), token_position(parse_lsn(row[1]))
+        except Exception:
+            return None
+
+    # ------------------------------------------------------------------ running it
+
+    async def run_read(
+        self,
+        node: Node,
+        sql: str,
+        params: Sequence[Any] | None,
+        fetch: FetchResults | None,
+        *,
+        count: bool = True,
+        held: NodePool | None = None,
+    ) -> Any:
+        """Run a read on ``node``; ``held``: a slot of its pool the caller already took."""
+        core = self._core
+        node.in_flight += 1
+        conn = None
+        pool = node.pool if held is None else held
+        # Only a broken connection is discarded. After a cancellation or a timeout the pool
+        # looks at it: one still running is cancelled on the server and closed; one the
+        # driver already cancelled and drained (psycopg) is idle and simply reused.
+        discard = False
+        try:
+            # The pool wait has its own bound (pool_timeout); read_timeout bounds the query.
+            conn = await pool.acquire(slot_taken=held is not None)
+            read_timeout = core.options.read_timeout
+            try:
+                result = await bounded(self._query(conn, sql, params, fetch), read_timeout)
+            except asyncio.TimeoutError as exc:
+                raise ReadTimeoutError(
+                    f"{core.name}: a read on {node.label} ran longer than read_timeout "
+                    f"({read_timeout:g}s); cancelled on the server",
+                    node=node.name,
+                    timeout=read_timeout,
+                ) from exc
+            if count:
+                node.reads += 1
+            return result
+        except Exception as exc:
+            discard = core.driver.is_disconnect(exc)
+            raise
+        finally:
+            node.done()
+            if conn is not None:
+                pool.release(conn, discard=discard)
+
+    async def _query(
+        self, conn: Any, sql: str, params: Sequence[Any] | None, fetch: FetchResults | None
+    ) -> Any:
+        with peewee.__exception_wrapper__:  # type: ignore[attr-defined]
+            async with conn.cursor() as cursor:
+                await cursor.execute(sql, params or ())
+                return await fetch(self._core.database, cursor) if fetch else None
+
+
+def _serves(
+    node: Node, exclude: Iterable[Node], max_staleness: float | None, min_lsn: int | None
+) -> bool:
+    """Whether a standby may serve a read with these limits now."""
+    if node.state != "up" or node in exclude or node.weight <= 0 or node.paused:
+        return False
+    if max_staleness is not None and (node.lag_seconds is None or node.lag_seconds > max_staleness):
+        return False
+    return min_lsn is None or (node.lsn is not None and node.lsn >= min_lsn)
