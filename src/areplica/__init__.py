@@ -18,7 +18,8 @@ module's private state. ``tests/unit/test_layers.py`` checks this table against 
     4  sources       member sources: Patroni REST
     4  health        probes, lag, the state machine, the background health task
     5  core          what every query path shares: options, cluster, lifecycle, counters
-    6  sessions      causal sessions, tokens in and out, vetting; routing scopes
+    6  sessions      causal cells that follow the program, tokens in and out, vetting; scopes
+    6  replay        reads waiting for standbys to replay a position: one poller per node
     7  writes        the write path: writable primary, primary_wait, the write's token
     8  reads         the read path: candidates, catch-up, slot waits, retry, fallback
     8  transactions  bound connections: atomic()/transaction(), savepoints, adoption

@@ -220,11 +220,6 @@ class ReplicaManager(QueryAPI):
             raise self._no_primary_at_connect(outcome)
         core.monitor = monitor
         core.lifecycle = Lifecycle.OPEN
-        # The connecting task's work is one consistency session, shared by reference with
-        # every task it spawns: a write in a child advances the token its parent and
-        # later siblings read with (per-request sessions come from mgr.session() and the
-        # framework middleware).
-        self._engine.sessions.current(create=True)
         monitor.start()
         states = ", ".join(f"{n.name}={n.state}" for n in outcome)
         logger.info("%s: connected: %s", self.name, states)
@@ -314,6 +309,7 @@ class ReplicaManager(QueryAPI):
         try:
             if monitor is not None:
                 await monitor.halt()  # no more rounds, no state changes logged
+            await self._engine.reads.close()  # replay pollers: they hold pooled connections
             grace = self.options.close_timeout
             await asyncio.gather(*(node.pool.close(grace) for node in self._cluster))
             if monitor is not None:

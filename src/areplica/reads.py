@@ -23,7 +23,7 @@ from typing import Any
 
 import peewee
 
-from ._compat import bounded, within
+from ._compat import bounded
 from .consistency import parse_lsn, token_position
 from .core import Core
 from .errors import (
@@ -34,8 +34,9 @@ from .errors import (
     ReadTimeoutError,
 )
 from .node import Node, NodePool, take_slot
+from .replay import ReplayWatch
 from .results import FetchResults, fetchone_raw
-from .sessions import Route, Session, Sessions
+from .sessions import Cell, Route, Sessions
 from .writes import WritePath
 
 __all__ = ["ReadPath"]
@@ -70,6 +71,7 @@ class ReadPath:
         self._sessions = sessions
         self._writes = writes
         self._policy = policy
+        self._watch = ReplayWatch(core.name, self._replay_position)
 
     # ------------------------------------------------------------------ choosing a node
 
@@ -105,7 +107,7 @@ class ReadPath:
         route: Route | None,
         exclude: set[Node],
         max_staleness: float | None,
-        session: Session | None = None,
+        session: Cell | None = None,
     ) -> Node:
         """Pick the node for a read (rules 2, 4 and 5 of DESIGN.md)."""
         return self.pick(self.candidates(route, exclude, max_staleness, session))
@@ -119,7 +121,7 @@ class ReadPath:
         route: Route | None,
         exclude: set[Node],
         max_staleness: float | None,
-        session: Session | None,
+        session: Cell | None,
     ) -> list[Node]:
         """The nodes a read may go to now, those with a free connection first.
 
@@ -133,7 +135,7 @@ class ReadPath:
             return [self._named(route.name, exclude)]
         if route is None and self._sessions.sticky(session):
             return [self.readable_primary()]
-        min_lsn = self._sessions.min_lsn(session)
+        min_lsn = self._sessions.required(session)
         eligible = self.eligible(exclude, max_staleness, min_lsn, with_primary=route is None)
         if eligible:
             return eligible
@@ -180,13 +182,13 @@ class ReadPath:
         route: Route | None,
         tried: set[Node],
         max_staleness: float | None,
-        session: Session | None,
+        session: Cell | None,
     ) -> bool:
         """Whether ``node``, chosen before a wait for a slot, may still serve the read."""
         eligible = self.eligible(
             tried,
             max_staleness,
-            self._sessions.min_lsn(session),
+            self._sessions.required(session),
             with_primary=route is None,
             spill=False,
         )
@@ -207,7 +209,7 @@ class ReadPath:
         tried: set[Node] = set()
         attempt = 0
         session = self._sessions.current()
-        if session is not None and session.external and core.options.consistency == "causal":
+        if session is not None and session.external:
             await self._sessions.vet(session, self.current_positions)
         deadline: float | None = None
         while True:
@@ -251,7 +253,7 @@ class ReadPath:
         route: Route | None,
         tried: set[Node],
         max_staleness: float | None,
-        session: Session | None,
+        session: Cell | None,
     ) -> tuple[Node, list[Node]]:
         """The node for this attempt and the candidates it was chosen from."""
         try:
@@ -314,33 +316,16 @@ class ReadPath:
     # ------------------------------------------------------------------ catch-up
 
     async def _catch_up(self, nodes: list[Node], lsn: int) -> Node | None:
-        """Poll the replicas' replay positions until one reaches ``lsn`` or ``causal_wait``."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._core.options.causal_wait
-        delay = 0.001  # replication on a LAN takes about a millisecond: look again soon
-        while True:
-            # Bounded by causal_wait: a hung replica must not hold the read longer.
-            answered, positions = await within(
-                asyncio.gather(
-                    *(self._replay_position(node) for node in nodes), return_exceptions=True
-                ),
-                max(deadline - loop.time(), 0.001),
-            )
-            if not answered or positions is None:
-                return None
-            ready = [
-                node
-                for node, position in zip(nodes, positions, strict=True)
-                if isinstance(position, int) and position >= lsn and node.state == "up"
-            ]
-            if ready:
-                self._core.counters.caught_up_reads += 1
-                return self.pick(ready)
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return None
-            await asyncio.sleep(min(delay, remaining))
-            delay = min(delay * 2, 0.1)
+        """The first of ``nodes`` to replay ``lsn`` within ``causal_wait`` (``ReplayWatch``)."""
+        node = await self._watch.wait(nodes, lsn, self._core.options.causal_wait)
+        if node is None or node.state != "up":
+            return None
+        self._core.counters.caught_up_reads += 1
+        return node
+
+    async def close(self) -> None:
+        """Stop the replay pollers (the manager is closing)."""
+        await self._watch.close()
 
     async def _replay_position(self, node: Node) -> int:
         row = await self.run_read(node, _REPLAY_SQL, None, fetchone_raw, count=False)

@@ -1,30 +1,53 @@
-"""Consistency sessions, causal tokens in and out, and routing scopes.
+"""What a read must see: causal positions that follow the program, tokens, and scopes.
 
-A session records what a reader must see: the WAL position of its writes (its causal token)
-and, in ``sticky`` mode, the time of its last write. It lives in a ContextVar keyed by
-manager, so tasks inherit it. Tokens from outside (a header, a cookie, a job payload) are
-untrusted: a malformed one is ignored, and one beyond every position known is vetted against
-the primary before the first read trusts it.
+What a token means: a WAL position of the primary. A read may be served by a standby only once
+that standby has replayed the position its task requires; ``mgr.token`` is that position as
+text (a header or cookie value), and ``mgr.session(token)`` resumes it elsewhere.
 
-Scopes (``mgr.primary()``, ``mgr.replica(name)``) are kept here too: a ContextVar of routes,
-keyed by manager, reset with the token ``set()`` returned.
+Which position a read requires follows program order (the README's table has every case):
+
+- a task requires what it wrote itself;
+- and what every task it awaited wrote (``await task``, ``gather``, ``TaskGroup``,
+  ``wait_for``, ``shield``, ``as_completed``, ``asyncio.timeout``), transitively: a task's
+  position folds into its parent's once the task is done;
+- a child task starts with what its parent required when the child first queried;
+- a task does not require what tasks it did not await wrote (siblings, other requests);
+- a task with no session above it (a script, a test, a step of ``run_until_complete``, a
+  request of a server without the middleware) is *top-level*: it also requires what every
+  top-level task that finished before its read wrote;
+- an explicit session (``mgr.session(token)``, the framework middleware) is a root: it
+  requires its token and what it and its children wrote, nothing else; when the block exits
+  its writes fold into the task that opened it.
+
+The mechanism needs no task factory: each task gets a *cell* (its position and time of last
+write) on its first query, in a ContextVar of this manager. A cell that rises above its start
+registers with its parent (or, top-level, with the manager) and folds into it when its task is
+done: by a done callback, and by a check for done children at every read, since a task
+awaiting a child can resume before the child's callbacks run.
+
+Tokens from outside are untrusted: a malformed one is ignored, and one beyond every position
+known is vetted against the primary before the first read trusts it. Scopes
+(``mgr.primary()``, ``mgr.replica(name)``) live here too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 
 from .consistency import WarnOnce, format_lsn, parse_lsn
 from .core import Core
 
-__all__ = ["Route", "Session", "Sessions"]
+__all__ = ["Cell", "Route", "Session", "Sessions"]
 
 logger = logging.getLogger("areplica")
 
@@ -37,44 +60,97 @@ class Route:
     name: str | None = None
 
 
-class Session:
-    """A consistency session: the causal token and the time of the last write.
+class Cell:
+    """What one task, or one explicit session, has written or seen.
 
-    ``external`` marks a token that came from outside (a header, a cookie, a job payload)
-    and has not been vetted yet: the first read of the session clamps it to the primary's
-    position, so a forged or absurd token cannot pin reads to the primary.
+    ``lsn``: the WAL position its reads require (0: none). ``wrote``: the highest position of
+    writes made in it or folded from its children (what an explicit session hands back to its
+    opener). ``last_write``: monotonic time of the last write (``sticky`` mode). ``external``:
+    ``lsn`` came from an untrusted token not vetted yet.
     """
 
-    __slots__ = ("client", "external", "last_write", "lsn")
+    __slots__ = (
+        "children",
+        "client",
+        "explicit",
+        "external",
+        "folded",
+        "last_write",
+        "lsn",
+        "parent",
+        "registered",
+        "task",
+        "top",
+        "wrote",
+    )
 
-    def __init__(self, lsn: int | None = None, *, external: bool = False) -> None:
+    def __init__(
+        self,
+        task: asyncio.Task[Any] | None,
+        parent: Cell | None,
+        *,
+        lsn: int = 0,
+        last_write: float = 0.0,
+        top: bool = False,
+        explicit: bool = False,
+    ) -> None:
+        self.task = task
+        self.parent = parent
         self.lsn = lsn
-        self.last_write: float | None = None
-        self.external = external
+        self.wrote = 0
+        self.last_write = last_write
+        self.top = top
+        self.explicit = explicit
+        self.external = False
         self.client: str | None = None
+        self.children: set[Cell] = set()
+        self.registered = False
+        self.folded = False
 
+    def __repr__(self) -> str:
+        kind = "session" if self.explicit else "top-level" if self.top else "child"
+        return f"<Cell {kind} lsn={format_lsn(self.lsn)} children={len(self.children)}>"
+
+
+#: ``mgr.session()`` yields a cell: kept under its old name for code that annotated it.
+Session = Cell
 
 #: The primary's insert and flush positions, read now (``None``: it cannot answer).
 PositionReader = Callable[[], Awaitable[tuple[int, int] | None]]
 
-# manager key -> session / route. Immutable mappings: a child task copies the context, and
-# nothing it sets can leak back into its parent's view.
-_SESSION: ContextVar[Mapping[object, Session]] = ContextVar(
-    "areplica_session", default=MappingProxyType({})
-)
+# manager key -> route. Immutable mappings: a child task copies the context, and nothing it
+# sets can leak back into its parent's view.
 _ROUTE: ContextVar[Mapping[object, Route]] = ContextVar(
     "areplica_route", default=MappingProxyType({})
 )
+_names = itertools.count(1)
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running loop: sync code (allow_sync at import time, say)
+        return None
 
 
 class Sessions:
-    """The sessions and scopes of one manager."""
+    """The causal cells, tokens and scopes of one manager (see the module docstring)."""
 
     def __init__(self, core: Core) -> None:
         self._core = core
         self._key = object()
+        self._cell: ContextVar[Cell | None] = ContextVar(
+            f"areplica_cell_{next(_names)}", default=None
+        )
+        #: Top-level cells that wrote and whose tasks are not folded yet.
+        self._top: set[Cell] = set()
+        #: What finished top-level tasks wrote: every top-level read requires it.
+        self._done_lsn = 0
+        self._done_write = 0.0
         self._highest_lsn = 0
         self._warned = WarnOnce(maxsize=1024)
+        self._causal = core.options.consistency == "causal"
+        self._tracks = core.options.consistency != "eventual"
 
     # ------------------------------------------------------------------ scopes
 
@@ -92,75 +168,180 @@ class Sessions:
         finally:
             _ROUTE.reset(token)
 
-    # ------------------------------------------------------------------ sessions
+    # ------------------------------------------------------------------ the current cell
 
-    def current(self, create: bool = False) -> Session | None:
-        """The current task's session (made now with ``create``)."""
-        session: Session | None = _SESSION.get().get(self._key)
-        if session is None and create:
-            session = Session()
-            _SESSION.set(MappingProxyType({**_SESSION.get(), self._key: session}))
-        return session
+    def current(self) -> Cell | None:
+        """The current task's cell, made now on its first use, with done work folded in.
+
+        ``None`` in ``eventual`` mode: nothing is required of a read there.
+        """
+        if not self._tracks:
+            return None
+        cell = self._cell.get()
+        task = _current_task()
+        if task is None:
+            # Sync code (allow_sync, at import time say) is no task anyone can await: what
+            # it writes is done when the call returns, and every top-level task sees it.
+            return Cell(None, None, lsn=self._top_lsn(), last_write=self._done_write, top=True)
+        if cell is None or cell.task is not task:
+            cell = self._new_cell(cell, task)
+            self._cell.set(cell)
+        self._gather(cell)
+        return cell
+
+    def _new_cell(self, inherited: Cell | None, task: asyncio.Task[Any] | None) -> Cell:
+        """The first cell of ``task``: a child of the cell it inherited, or a top-level one."""
+        if inherited is None or _finished(inherited):
+            # No live parent: a top-level task. A finished one inherited (asyncio.Runner
+            # reuses one context across steps) still passes on what it required.
+            base = self._top_lsn()
+            last = self._done_write
+            if inherited is not None:
+                base = max(base, self._position(inherited))
+                last = max(last, inherited.last_write)
+            return Cell(task, None, lsn=base, last_write=last, top=True)
+        cell = Cell(task, inherited, lsn=self._position(inherited), last_write=inherited.last_write)
+        cell.external = inherited.external
+        cell.client = inherited.client
+        return cell
+
+    def _position(self, cell: Cell) -> int:
+        """What ``cell`` requires now, with its done children (and, top-level, done tasks)."""
+        self._gather(cell)
+        return cell.lsn
+
+    def _gather(self, cell: Cell) -> None:
+        """Fold in the work of finished children (and, for a top-level cell, finished tasks)."""
+        if cell.children:
+            for child in [c for c in cell.children if _finished(c)]:
+                self._fold(child)
+        if cell.top:
+            lsn = self._top_lsn()
+            if lsn > cell.lsn:
+                cell.lsn = lsn
+            if self._done_write > cell.last_write:
+                cell.last_write = self._done_write
+
+    def _top_lsn(self) -> int:
+        """What finished top-level tasks wrote (folding any whose callback has not run)."""
+        if self._top:
+            for cell in [c for c in self._top if _finished(c)]:
+                self._fold(cell)
+        return self._done_lsn
+
+    # ------------------------------------------------------------------ raising and folding
+
+    def _raise(self, cell: Cell, lsn: int, wrote: int, last_write: float) -> None:
+        """``cell`` now requires ``lsn``; registered with its parent to fold into it later."""
+        if lsn > cell.lsn:
+            cell.lsn = lsn
+        if wrote > cell.wrote:
+            cell.wrote = wrote
+        if last_write > cell.last_write:
+            cell.last_write = last_write
+        if cell.registered or cell.explicit or cell.folded:
+            return
+        cell.registered = True
+        if cell.top:
+            self._top.add(cell)
+        elif cell.parent is not None:
+            cell.parent.children.add(cell)
+        if cell.task is not None:
+            cell.task.add_done_callback(functools.partial(self._task_done, cell))
+
+    def _task_done(self, cell: Cell, task: asyncio.Task[Any]) -> None:
+        self._fold(cell)
+
+    def _fold(self, cell: Cell) -> None:
+        """A finished task's cell: hand what it required to its parent (or the manager)."""
+        if cell.folded:
+            return
+        cell.folded = True
+        self._gather(cell)
+        if cell.top:
+            self._top.discard(cell)
+            self._done_lsn = max(self._done_lsn, cell.lsn)
+            self._done_write = max(self._done_write, cell.last_write)
+            return
+        parent = cell.parent
+        if parent is not None:
+            parent.children.discard(cell)
+            self._raise(parent, cell.lsn, cell.wrote, cell.last_write)
+
+    # ------------------------------------------------------------------ tokens and sessions
 
     @property
     def token(self) -> str | None:
-        """The current session's causal token (a WAL position), ``None`` before any write."""
-        session = self.current()
-        if session is None or session.lsn is None:
+        """The position the current task's reads require, as a token; ``None`` when none."""
+        cell = self.current()
+        if cell is None or not cell.lsn:
             return None
-        return format_lsn(session.lsn)
+        return format_lsn(cell.lsn)
 
     @contextlib.asynccontextmanager
     async def open(
         self, token: str | None = None, *, client: str | None = None
-    ) -> AsyncIterator[Session]:
-        """A session for the block, resumed from ``token`` (untrusted: vetted on first read)."""
-        lsn = None
-        if token:
-            try:
-                lsn = parse_lsn(token)  # refuses anything long before looking at it
-            except ValueError:
-                self.warn_once(
-                    client,
-                    "malformed",
-                    f"ignoring a malformed causal token ({len(token)} characters)",
-                )
-        session = Session(lsn, external=lsn is not None)
-        session.client = client
-        reset = _SESSION.set(MappingProxyType({**_SESSION.get(), self._key: session}))
-        try:
-            yield session
-        finally:
-            _SESSION.reset(reset)
+    ) -> AsyncIterator[Cell]:
+        """An explicit session for the block: a root that requires ``token`` and its writes.
 
-    def min_lsn(self, session: Session | None) -> int | None:
-        """The WAL position a read of ``session`` needs a replica to have replayed."""
-        if session is not None and self._core.options.consistency == "causal":
-            return session.lsn
+        The token is untrusted (vetted on the first read). When the block exits, what it
+        and its children wrote folds into the task that opened it.
+        """
+        cell = Cell(_current_task(), None, lsn=self._parse(token, client), explicit=True)
+        cell.external = cell.lsn > 0 and self._causal
+        cell.client = client
+        reset = self._cell.set(cell)
+        try:
+            yield cell
+        finally:
+            self._cell.reset(reset)
+            self._gather(cell)
+            if self._tracks and (cell.wrote or cell.last_write):
+                opener = self.current()
+                if opener is not None:
+                    self._raise(opener, cell.wrote, cell.wrote, cell.last_write)
+
+    def _parse(self, token: str | None, client: str | None) -> int:
+        if not token:
+            return 0
+        try:
+            return parse_lsn(token)  # refuses anything long before looking at it
+        except ValueError:
+            self.warn_once(
+                client, "malformed", f"ignoring a malformed causal token ({len(token)} characters)"
+            )
+            return 0
+
+    def required(self, cell: Cell | None) -> int | None:
+        """The WAL position a read of ``cell`` needs a replica to have replayed."""
+        if cell is not None and self._causal and cell.lsn:
+            return cell.lsn
         return None
 
-    def sticky(self, session: Session | None) -> bool:
+    def sticky(self, cell: Cell | None) -> bool:
         """True while a ``sticky`` session reads from the primary after its last write."""
         options = self._core.options
         return (
-            session is not None
+            cell is not None
             and options.consistency == "sticky"
-            and session.last_write is not None
-            and time.monotonic() - session.last_write < options.sticky_for
+            and cell.last_write > 0
+            and time.monotonic() - cell.last_write < options.sticky_for
         )
 
     def note_write(self, lsn: int | None) -> None:
         """A write (or a commit that wrote) happened; ``lsn`` covers it in causal mode."""
-        if self._core.options.consistency == "eventual":
+        cell = self.current()
+        if cell is None:
             return
-        session = self.current(create=True)
-        assert session is not None
-        session.last_write = time.monotonic()
-        if lsn is not None:
-            if session.lsn is None or lsn > session.lsn:
-                session.lsn = lsn
-            if lsn > self._highest_lsn:
-                self._highest_lsn = lsn
+        position = lsn or 0
+        now = time.monotonic()
+        if cell.task is None:  # sync code: done at once (see current())
+            self._done_lsn = max(self._done_lsn, position)
+            self._done_write = max(self._done_write, now)
+        else:
+            self._raise(cell, position, position, now)
+        if position > self._highest_lsn:
+            self._highest_lsn = position
 
     # ------------------------------------------------------------------ vetting
 
@@ -170,7 +351,7 @@ class Sessions:
             shown = "unknown" if client is None else repr(client[:60])
             logger.warning("%s: %s (client %s)", self._core.name, message, shown)
 
-    async def vet(self, session: Session, positions: PositionReader) -> None:
+    async def vet(self, cell: Cell, positions: PositionReader) -> None:
         """Clamp an external token beyond every position known (a forged or absurd one).
 
         A token at or below the highest position any member has shown (probes, own
@@ -178,12 +359,10 @@ class Sessions:
         missed, or garbage: the primary's current position, read now, decides. When the
         primary cannot answer, the highest position known from any member does, so a
         forged token never makes a read fail while standbys answer. This happens once per
-        session, and only for such tokens.
+        cell, and only for such tokens.
         """
-        session.external = False
-        lsn = session.lsn
-        if lsn is None:
-            return
+        cell.external = False
+        lsn = cell.lsn
         known = max((n.lsn or 0 for n in self._core.cluster), default=0)
         self._highest_lsn = max(self._highest_lsn, known)
         if lsn <= self._highest_lsn:
@@ -200,10 +379,16 @@ class Sessions:
             clamp = answer[1]
         self._highest_lsn = max(self._highest_lsn, current)
         if lsn > current:
-            session.lsn = min(clamp, current)
+            cell.lsn = max(min(clamp, current), cell.wrote)
             self.warn_once(
-                session.client,
+                cell.client,
                 "clamped",
                 f"a causal token beyond every known WAL position ({format_lsn(current)}) "
-                f"was clamped to {format_lsn(session.lsn)}",
+                f"was clamped to {format_lsn(cell.lsn)}",
             )
+
+
+def _finished(cell: Cell) -> bool:
+    """True once the cell's task is done (a cell of sync code never is)."""
+    task = cell.task
+    return task is not None and task.done()

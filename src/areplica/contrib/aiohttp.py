@@ -47,11 +47,11 @@ def token_middleware(*, secure_cookie: bool = False) -> Middleware:
     async def areplica_token(request: web.Request, handler: Handler) -> web.StreamResponse:
         manager = request.app[AREPLICA]
         incoming = request.headers.get(TOKEN_HEADER) or request.cookies.get(TOKEN_COOKIE)
-        async with manager.session(incoming, client=request.remote) as session:
-            start = session.lsn
+        async with manager.session(incoming, client=request.remote):
+            start = manager.token
             response: web.StreamResponse = await handler(request)
-            token = manager.token
-            if session.lsn != start and token is not None and not response.prepared:
+            token = manager.token  # with the work of finished child tasks
+            if token is not None and token != start and not response.prepared:
                 response.headers[TOKEN_HEADER] = token
                 response.set_cookie(
                     TOKEN_COOKIE,

@@ -103,13 +103,13 @@ class AreplicaMiddleware:
         incoming = self._incoming(scope)
         client = scope.get("client")
         client_id = str(client[0]) if client else None
-        async with manager.session(incoming, client=client_id) as session:
-            start = session.lsn
+        async with manager.session(incoming, client=client_id):
+            start = manager.token
 
             async def send_with_token(message: Message) -> None:
-                if message["type"] == "http.response.start" and session.lsn != start:
-                    token = manager.token
-                    if token is not None:
+                if message["type"] == "http.response.start":
+                    token = manager.token  # with the work of finished child tasks
+                    if token is not None and token != start:
                         headers = list(message.get("headers", ()))
                         headers.append((self.header, token.encode("latin-1")))
                         headers.append((b"set-cookie", self._cookie(token).encode("latin-1")))
