@@ -417,7 +417,10 @@ def _trouble(mgr: ReplicaManager, node: Node, status: NodeStatus) -> str | None:
     if node.paused:
         return "Patroni reports it stopping, starting or demoting: it takes no new queries"
     if status.state == "down":
-        return status.last_error or "down"
+        error = status.last_error or "down"
+        if error.endswith(":"):  # "TimeoutError:": an exception without a message
+            error = f"{error} no answer within {mgr.health_timeout:g}s"
+        return error
     return None
 
 

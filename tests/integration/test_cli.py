@@ -312,6 +312,20 @@ def test_status_prints_a_table_with_a_header_and_dashes_for_unknowns(small: Loca
     assert "Connection refused" in lines[-1] or "OperationalError" in lines[-1]
     assert len(lines) == 5  # the driver's multi-line message stays on its row
 
+    # A member that hangs (SIGSTOP): down within --timeout, and the ERROR says so.
+    small.hang("replica-2")
+    try:
+        began = time.monotonic()
+        hung = status("--timeout", "1", *dsns)
+        took = time.monotonic() - began
+    finally:
+        small.resume("replica-2")
+    assert hung.returncode == 1, hung.stdout + hung.stderr
+    row = table(hung)["member-3"]
+    assert row[1:3] == ["-", "down"]
+    assert " ".join(row).endswith("TimeoutError: no answer within 1s")
+    assert took < 15, took
+
 
 def test_status_follows_a_promotion_and_names_a_former_primary(small: LocalTopology) -> None:
     # An operator's saved command: the old primary first.
