@@ -419,7 +419,7 @@ def _trouble(mgr: ReplicaManager, node: Node, status: NodeStatus) -> str | None:
     if status.state == "down":
         error = status.last_error or "down"
         if error.endswith(":"):  # "TimeoutError:": an exception without a message
-            error = f"{error} no answer within {mgr.health_timeout:g}s"
+            error = f"{error} no answer within {mgr.options.health_timeout:g}s"
         return error
     return None
 
