@@ -11,6 +11,7 @@ module's private state. ``tests/unit/test_layers.py`` checks this table against 
     0  routing       query classification: read or write (pure)
     0  policies      load-balancing policies (pure)
     0  results       result handling of a cursor (fetches), ``get()``'s query
+    0  history       timeline histories: which positions are on the primary's (pure)
     1  drivers       aiopg and psycopg adapters: connect, close, cancel, error meanings
     1  options       every option: default, validation, environment parsing
     2  node          one server: its pool, connection slots, counters, status

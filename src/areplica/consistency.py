@@ -12,11 +12,15 @@ import re
 from collections import OrderedDict
 
 __all__ = [
+    "LSN_MASK",
     "MAX_TOKEN_LENGTH",
     "WAL_POSITION_SQL",
     "WarnOnce",
     "format_lsn",
+    "format_token",
     "parse_lsn",
+    "parse_token",
+    "position",
     "token_position",
 ]
 
@@ -32,6 +36,42 @@ _LSN = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
 #: Longer tokens are refused before any parsing ("FFFFFFFF/FFFFFFFF" is 17 characters; the
 #: rest is room for blanks around it).
 MAX_TOKEN_LENGTH = 64
+
+
+_TOKEN = re.compile(r"(?:([0-9A-Fa-f]{1,8})/)?([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
+#: A *position* is ``timeline << 64 | lsn``: ordered first by timeline, so that a position on a
+#: newer timeline supersedes any on an older one (whose writes past the branch were lost).
+LSN_MASK = (1 << 64) - 1
+
+
+def position(timeline: int | None, lsn: int) -> int:
+    """The position of ``lsn`` on ``timeline`` (0: an unknown timeline)."""
+    return ((timeline or 0) << 64) | lsn
+
+
+def format_token(pos: int) -> str:
+    """A position as a token: ``"TL/HI/LO"`` (hex), or ``"HI/LO"`` when the timeline is unknown."""
+    timeline, lsn = pos >> 64, pos & LSN_MASK
+    return f"{timeline:X}/{format_lsn(lsn)}" if timeline else format_lsn(lsn)
+
+
+def parse_token(text: str) -> int:
+    """A token -> its position; ``"HI/LO"`` (older versions) means an unknown timeline.
+
+    Raises ``ValueError`` when malformed; anything longer than :data:`MAX_TOKEN_LENGTH` is
+    refused before it is stripped or matched.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"not a causal token: a {type(text).__name__}")
+    if len(text) > MAX_TOKEN_LENGTH:
+        raise ValueError(f"not a causal token: {len(text)} characters, {_preview(text)}...")
+    match = _TOKEN.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"not a causal token: {_preview(text)}")
+    timeline = int(match.group(1), 16) if match.group(1) else 0
+    if match.group(1) and not timeline:
+        raise ValueError(f"not a causal token: timeline 0 in {_preview(text)}")
+    return position(timeline, (int(match.group(2), 16) << 32) | int(match.group(3), 16))
 
 
 def parse_lsn(text: str) -> int:

@@ -42,6 +42,10 @@ class Counters:
     fallback_reads: int = 0
     #: Reads that waited for a replica to reach their causal position, and got one.
     caught_up_reads: int = 0
+    #: Tokens from outside that the primary showed beyond anything written (forged).
+    clamped_tokens: int = 0
+    #: Tokens whose write a failover lost (past the branch point of their timeline).
+    lost_tokens: int = 0
 
 
 class Core:

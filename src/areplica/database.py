@@ -453,7 +453,9 @@ class _RoutingMixin:
             cursor = self.cursor()  # type: ignore[attr-defined]
             cursor.execute(WAL_POSITION_SQL)
             row = cursor.fetchone()
-        engine.sessions.note_write(token_position(parse_lsn(row[0])))
+        primary = engine.core.cluster.primary
+        timeline = primary.timeline if primary is not None else None
+        engine.sessions.note_write(token_position(parse_lsn(row[0])), timeline)
 
 
 def _sync_target(engine: Engine) -> NodeDSN:

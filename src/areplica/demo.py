@@ -84,7 +84,7 @@ def _rich_table(
         "evictions",
     ):
         table.add_column(column)
-    colours = {"up": "green", "lagging": "yellow", "down": "red"}
+    colours = {"up": "green", "lagging": "yellow", "down": "red", "diverged": "magenta"}
     for s in statuses:
         lag = "-" if s.role == "primary" or s.lag_seconds is None else f"{s.lag_seconds:.2f}s"
         latency = "-" if s.latency_ms is None else f"{s.latency_ms:.1f}ms"

@@ -25,7 +25,8 @@ from typing import Any
 
 from ._compat import timeout as _timeout
 from .cluster import Cluster, Identity
-from .consistency import parse_lsn, token_position
+from .consistency import format_lsn, parse_lsn, token_position
+from .history import History, parse_history
 from .node import Node, NodeStatus, State
 from .options import Options
 
@@ -45,8 +46,17 @@ PROBE_SQL = (
     " CASE WHEN pg_is_in_recovery() THEN (SELECT timeline_id FROM pg_control_checkpoint())"
     " ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END,"
     " extract(epoch FROM pg_postmaster_start_time())::float8,"
-    " current_setting('port')::int"
+    " current_setting('port')::int,"
+    # The timeline a standby receives (its upstream's): NULL on a primary, and while its
+    # WAL receiver is not running (then the last one seen stands, else the checkpoint's).
+    " (SELECT received_tli FROM pg_stat_wal_receiver)"
 )
+
+#: The primary's timeline history file (a promotion writes it): needs pg_read_server_files
+#: (or EXECUTE on pg_read_file), see the README's "What it needs from PostgreSQL".
+HISTORY_SQL = "SELECT pg_read_file('pg_wal/' || upper(lpad(to_hex(%s), 8, '0')) || '.history')"
+#: Seconds before a history file that could not be read is tried again.
+HISTORY_RETRY = 30.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,8 @@ class ProbeResult:
     clock: float
     latency_ms: float
     identity: Identity
+    #: The timeline a standby's WAL receiver receives (``None``: a primary, or not streaming).
+    received_tli: int | None = None
 
     @property
     def replay_age(self) -> float | None:
@@ -110,8 +122,11 @@ class ProbeConnection:
             await cursor.execute(PROBE_SQL)
             row = await cursor.fetchone()
         latency_ms = (time.perf_counter() - started) * 1000.0
-        in_recovery, lsn_text, replay_at, clock, system_id, timeline, started_at, port = row
+        in_recovery, lsn_text, replay_at, clock, system_id, timeline, started_at, port = row[:8]
+        received_tli = int(row[8]) if row[8] is not None else None
         in_recovery = bool(in_recovery)
+        if received_tli is not None:
+            timeline = received_tli  # the checkpoint's trails a promotion upstream
         return ProbeResult(
             in_recovery=in_recovery,
             lsn=_position(lsn_text, in_recovery),
@@ -126,7 +141,23 @@ class ProbeConnection:
                 if system_id is not None
                 else None,
             ),
+            received_tli=received_tli,
         )
+
+    async def read_history(self, timeline: int, timeout: float) -> str:
+        """The text of timeline ``timeline``'s history file on this node (its primary)."""
+        async with _timeout(timeout), self._lock:
+            try:
+                driver = self.node.driver
+                if self._conn is None or driver.is_closed(self._conn):
+                    self._conn = await driver.connect(self.node.dsn.conninfo, timeout)
+                async with self._conn.cursor() as cursor:
+                    await cursor.execute(HISTORY_SQL, (timeline,))
+                    row = await cursor.fetchone()
+            except BaseException:
+                await asyncio.shield(self.close())
+                raise
+        return str(row[0])
 
     async def cancel_backend(self, pid: int, timeout: float) -> None:
         """``pg_cancel_backend(pid)`` on this node, over the probe connection.
@@ -207,6 +238,8 @@ class HealthState:
     - ``up`` -> ``lagging`` when lag exceeds a limit (or the node is slow);
       ``lagging`` -> ``up`` only when lag is back under ``hysteresis`` x the limit (and the
       node is no longer slow), so a node hovering at the limit does not flap.
+    - any answering state -> ``diverged`` when a standby replays off the primary's history;
+      back to ``up`` (or ``lagging``) at its first probe on that history again.
     """
 
     fail_after: int
@@ -242,13 +275,24 @@ class HealthState:
         self.state = "down"
         return self.state
 
+    def diverge(self) -> State:
+        """A probe answered from off the primary's history: it serves nothing."""
+        self.failures = 0
+        self.successes += 1
+        if self.state != "down" or self.successes >= self.recover_after:
+            self.state = "diverged"
+        return self.state
+
     def success(
         self, lag_seconds: float | None, lag_bytes: int | None, *, slow: bool = False
     ) -> State:
         """A probe answered; lag is ``None`` on a primary."""
         self.failures = 0
         self.successes += 1
-        if self.state == "down":
+        if self.state == "diverged":
+            # It answered all along: back on the primary's history, it serves at once.
+            self.state = "lagging" if slow or self._over(lag_seconds, lag_bytes, 1.0) else "up"
+        elif self.state == "down":
             if self.successes < self.recover_after:
                 return self.state
             self.state = "lagging" if slow or self._over(lag_seconds, lag_bytes, 1.0) else "up"
@@ -330,6 +374,14 @@ class HealthMonitor:
         self._history: collections.deque[tuple[float, int]] = collections.deque(maxlen=4096)
         # The primary's clock at its last probe, against our monotonic clock.
         self._primary_clock: tuple[float, float] | None = None
+        self._learning: asyncio.Task[None] | None = None
+        self._learnt_at = float("-inf")
+        #: The current primary's timeline history, and for which (server, timeline).
+        self.history: History | None = None
+        self._history_key: tuple[object, int] | None = None
+        self._history_retry_at = 0.0
+        #: The timeline each standby's WAL receiver was last seen receiving.
+        self._received: dict[Node, int] = {}
         self._seeding = False
         self._halted = False
         self.rounds = 0
@@ -356,7 +408,7 @@ class HealthMonitor:
             self._states[node] = state
         return state
 
-    def seed(self, outcome: Mapping[Node, ProbeResult | BaseException]) -> None:
+    async def seed(self, outcome: Mapping[Node, ProbeResult | BaseException]) -> None:
         """Initial states from ``connect()``'s probes: reachable nodes start up at once.
 
         Initial states are not changes: nothing is logged or called back for them.
@@ -367,7 +419,7 @@ class HealthMonitor:
                 state = self._state(node)
                 if isinstance(outcome[node], ProbeResult):
                     state.successes = state.recover_after
-            self._absorb(outcome, time.monotonic())
+            await self._absorb(outcome, time.monotonic())
         finally:
             self._seeding = False
 
@@ -430,6 +482,32 @@ class HealthMonitor:
                 async with _timeout(interval):
                     await self._wake.wait()
 
+    async def learn(self, timeout: float) -> bool:
+        """Probe the cluster now, for a caller that holds news it cannot judge yet.
+
+        One round at a time serves every caller (a round in flight is joined), and a round
+        finished less than ``interval / 4`` ago counts as fresh: a flood of callers (forged
+        tokens, say) costs at most four extra rounds per interval. Waits at most
+        ``timeout``; True when the cluster's state was learnt within it.
+        """
+        loop = asyncio.get_running_loop()
+        if self._learning is None or self._learning.done():
+            if loop.time() - self._learnt_at < self.settings.interval / 4:
+                return True
+            self._learning = loop.create_task(self._learn_round(), name=f"{self.name}-learn")
+            self._tasks.add(self._learning)
+            self._learning.add_done_callback(self._tasks.discard)
+        done, _ = await asyncio.wait({self._learning}, timeout=timeout)
+        return bool(done)
+
+    async def _learn_round(self) -> None:
+        try:
+            await self.round()
+        except Exception:
+            logger.exception("%s: health round failed", self.name)
+        finally:
+            self._learnt_at = asyncio.get_running_loop().time()
+
     async def forget(self, node: Node) -> None:
         """Drop a removed node's probe connection and state."""
         self._states.pop(node, None)
@@ -456,20 +534,25 @@ class HealthMonitor:
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, Exception):
                 raise result
-        self._absorb(dict(zip(nodes, results, strict=True)), time.monotonic())
+        await self._absorb(dict(zip(nodes, results, strict=True)), time.monotonic())
 
-    def _absorb(self, results: Mapping[Node, ProbeResult | BaseException], now: float) -> None:
-        # Roles first: replica lag is measured against the primary.
+    async def _absorb(
+        self, results: Mapping[Node, ProbeResult | BaseException], now: float
+    ) -> None:
+        # Roles first, then the primary's history: standbys are judged against both.
         self.cluster.observe(
             {n: r.identity if isinstance(r, ProbeResult) else r for n, r in results.items()}
         )
+        await self._learn_history()
         primary = self.cluster.primary
         result = results.get(primary) if primary is not None else None
         if isinstance(result, ProbeResult):
             if result.lsn is not None:
                 self._history.append((now, result.lsn))
             self._primary_clock = (now, result.clock)
-        for node, result in results.items():
+        # The primary first: a standby's lag is against this round's primary position.
+        ordered = sorted(results.items(), key=lambda item: item[0] is not primary)
+        for node, result in ordered:
             if isinstance(result, ProbeResult):
                 self._apply(node, result, now)
             else:
@@ -479,6 +562,44 @@ class HealthMonitor:
                     # primary): it takes no queries meanwhile, but it is not evicted.
                     continue
                 self._transition(node, self._state(node).failure())
+
+    async def _learn_history(self) -> None:
+        """Read the primary's timeline history once per (server, timeline)."""
+        primary = self.cluster.primary
+        if primary is None or primary.timeline is None:
+            return
+        key = (primary.server, primary.timeline)
+        if key == self._history_key and self.history is not None:
+            if self.history.complete or time.monotonic() < self._history_retry_at:
+                return
+        self._history_key = key
+        if primary.timeline <= 1:
+            self.history = History(primary.timeline)
+            return
+        try:
+            text = await self._probe_connection(primary).read_history(
+                primary.timeline, self.settings.timeout
+            )
+            self.history = parse_history(primary.timeline, text)
+        except Exception as exc:
+            self.history = History(primary.timeline, complete=False)
+            self._history_retry_at = time.monotonic() + HISTORY_RETRY
+            logger.warning(
+                "%s: cannot read timeline %s's history on primary %s (%s); standbys on an "
+                "older timeline serve nothing until they receive timeline %s",
+                self.settings.name,
+                primary.timeline,
+                primary.name,
+                f"{type(exc).__name__}: {exc}".strip()[:200],
+                primary.timeline,
+            )
+
+    def _standby_timeline(self, node: Node, result: ProbeResult) -> int | None:
+        """The timeline a standby is on: what its WAL receiver receives, else last seen."""
+        if result.received_tli is not None:
+            self._received[node] = result.received_tli
+            return result.received_tli
+        return self._received.get(node, result.identity.timeline)
 
     async def cancel_backend(self, node: Node, pid: int, timeout: float) -> None:
         """Cancel a query of ``node``'s pool by backend pid (see ``ProbeConnection``)."""
@@ -545,6 +666,13 @@ class HealthMonitor:
             node.lag_bytes = node.lag_seconds = None
             self._transition(node, self._state(node).force_down())
             return
+        timeline = self._standby_timeline(node, result)
+        history = self.history
+        if history is not None and not history.follows(timeline, result.lsn):
+            node.lag_bytes = node.lag_seconds = None
+            why = _off_history(timeline, result.lsn, history)
+            self._transition(node, self._state(node).diverge(), reason=why)
+            return
         lag_bytes: int | None = None
         lag_seconds: float | None = None
         if result.lsn is not None and primary is not None and primary.lsn is not None:
@@ -597,12 +725,12 @@ class HealthMonitor:
             self._wake.set()
 
     def _transition(
-        self, node: Node, new_state: State, reason: BaseException | None = None
+        self, node: Node, new_state: State, reason: BaseException | str | None = None
     ) -> None:
         old_state = node.state
         if new_state == old_state or self._halted:
             return
-        if self._seeding:
+        if self._seeding and new_state != "diverged":  # initial states are no news
             node.state = new_state
             return
         name = self.settings.name
@@ -612,17 +740,15 @@ class HealthMonitor:
             node.evictions += 1
             stale = node.reset_pool()
             self._spawn(stale.close(), f"{name}-{node.name}-evict")
-        why = (
-            node.last_error
-            if new_state == "down"
-            else (
-                f"lag {node.lag_seconds:.2f}s/{node.lag_bytes}B latency {node.latency_ms:.1f}ms"
-                if node.lag_seconds is not None and node.latency_ms is not None
-                else ""
-            )
+        logger.log(
+            _LEVELS.get(new_state, logging.WARNING),
+            "%s: %s %s -> %s %s",
+            name,
+            node.name,
+            old_state,
+            new_state,
+            _why(node, new_state, reason),
         )
-        level = logging.INFO if new_state == "up" else logging.WARNING
-        logger.log(level, "%s: %s %s -> %s %s", name, node.name, old_state, new_state, why)
         new = node.status()
         for callback in list(self.callbacks):
             try:
@@ -631,6 +757,37 @@ class HealthMonitor:
                     self._spawn(_guard(outcome, name), f"{name}-callback")
             except Exception:
                 logger.exception("%s: on_state_change callback failed", name)
+
+
+_LEVELS = {"up": logging.INFO, "diverged": logging.ERROR}
+
+
+def _why(node: Node, new_state: State, reason: BaseException | str | None) -> str:
+    """The reason a transition logs: the error, the history, or the lag figures."""
+    if isinstance(reason, str):
+        return reason
+    if new_state == "down":
+        return node.last_error or ""
+    if node.lag_seconds is not None and node.latency_ms is not None:
+        return f"lag {node.lag_seconds:.2f}s/{node.lag_bytes}B latency {node.latency_ms:.1f}ms"
+    return ""
+
+
+def _off_history(timeline: int | None, position: int | None, history: History) -> str:
+    """Why a standby is off the primary's history, for the log and ``status()``."""
+    where = f"timeline {timeline} at {format_lsn(position) if position is not None else '?'}"
+    branch = history.branches.get(timeline) if timeline is not None else None
+    if branch is not None:
+        return (
+            f"replays {where}, past where the primary's timeline {history.timeline} "
+            f"branched off it ({format_lsn(branch)}): WAL the primary never wrote"
+        )
+    if not history.complete and timeline is not None and timeline < history.timeline:
+        return (
+            f"replays {where}, an older timeline than the primary's {history.timeline}, "
+            "whose history could not be read"
+        )
+    return f"replays {where}, which is not on the primary's timeline {history.timeline} history"
 
 
 async def _guard(awaitable: Any, name: str) -> None:

@@ -215,7 +215,7 @@ class ReplicaManager(QueryAPI):
         if self._source is not None:
             await self._refresh_members()
         outcome = await self._first_probes()
-        monitor.seed(outcome)
+        await monitor.seed(outcome)
         if self._cluster.primary is None:
             raise self._no_primary_at_connect(outcome)
         core.monitor = monitor
@@ -274,17 +274,24 @@ class ReplicaManager(QueryAPI):
                 "timeline; refusing to guess (split brain)",
                 node=first,
             )
-        reachable = [n for n in nodes if isinstance(outcome[n], ProbeResult)]
-        if reachable:
+        standbys = [n for n in nodes if isinstance(outcome[n], ProbeResult)]
+        silent = [n for n in nodes if n not in standbys]
+        if standbys and not silent and self._source is None:
+            # Every member answered as a standby and nothing can add one: the list names
+            # no primary at all.
             return TopologyError(
                 f"{self.name}: no member is out of recovery: "
-                f"{', '.join(n.label for n in reachable)} are all standbys "
+                f"{', '.join(n.label for n in standbys)} are all standbys "
                 "(pg_is_in_recovery() is true)",
-                node=reachable[0].name,
+                node=standbys[0].name,
             )
-        detail = "; ".join(f"{n.label}: {n.last_error}" for n in nodes)
+        # The primary may be among the members that did not answer (restarting), or about
+        # to be promoted (a member source): no primary *now*.
+        detail = "; ".join(f"{n.label}: {n.last_error}" for n in silent)
+        seen = f"; {', '.join(n.name for n in standbys)} answered as standbys" if standbys else ""
         return NoPrimaryError(
-            f"{self.name}: no primary reachable within {self.options.health_timeout:g}s ({detail})",
+            f"{self.name}: no primary reachable within {self.options.health_timeout:g}s "
+            f"({detail or 'no member answered as the primary'}){seen}",
             node=first,
         )
 
@@ -471,6 +478,16 @@ class ReplicaManager(QueryAPI):
     def caught_up_reads(self) -> int:
         """Reads that waited for a replica to reach their causal position, and got one."""
         return self._core.counters.caught_up_reads
+
+    @property
+    def clamped_tokens(self) -> int:
+        """Tokens from outside the primary showed beyond anything written (forged)."""
+        return self._core.counters.clamped_tokens
+
+    @property
+    def lost_tokens(self) -> int:
+        """Tokens whose write a failover lost, satisfied at their timeline's branch point."""
+        return self._core.counters.lost_tokens
 
 
 # ---------------------------------------------------------------------- helpers

@@ -34,9 +34,10 @@ Per node, labels ``manager``, ``node`` and ``role``:
   on it, times it was taken out of rotation.
 
 Per manager, label ``manager``: ``areplica_retried_reads_total`` (reads retried on another
-node), ``areplica_fallback_reads_total`` (reads the primary served because no replica could)
-and ``areplica_caught_up_reads_total`` (reads that waited for a replica to reach a causal
-token).
+node), ``areplica_fallback_reads_total`` (reads the primary served because no replica
+could), ``areplica_caught_up_reads_total`` (reads that waited for a replica to reach a causal
+token), ``areplica_clamped_tokens_total`` and ``areplica_lost_tokens_total`` (tokens from
+outside clamped as forged, or whose write a failover lost).
 
 A gauge whose value is unknown (lag before the first probe, lag of the primary) has no
 sample. The ``role`` label follows the node: after a promotion its series change labels.
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AreplicaCollector", "register", "unregister"]
 
-_STATES = ("up", "lagging", "down")
+_STATES = ("up", "lagging", "down", "diverged")
 _LABELS = ("manager", "node", "role")
 
 # Per-node gauges read from a NodeStatus: (name, help, field, scale).
@@ -93,6 +94,16 @@ _MANAGER_COUNTERS: tuple[tuple[str, str, str], ...] = (
         "areplica_caught_up_reads",
         "Reads that waited for a replica to reach the session's causal token.",
         "caught_up_reads",
+    ),
+    (
+        "areplica_clamped_tokens",
+        "Tokens from outside the primary showed beyond anything written (clamped).",
+        "clamped_tokens",
+    ),
+    (
+        "areplica_lost_tokens",
+        "Tokens whose write a failover lost (satisfied at their timeline's branch point).",
+        "lost_tokens",
     ),
 )
 
@@ -189,7 +200,7 @@ class AreplicaCollector:
             ),
             "areplica_node_state": self._gauge(
                 "areplica_node_state",
-                "1 for the node's current state (up, lagging or down), 0 for the others.",
+                "1 for the node's current state (up, lagging, down or diverged), 0 for the others.",
                 labels=[*labels, "state"],
             ),
         }

@@ -30,7 +30,7 @@ logger = logging.getLogger("areplica")
 Role = Literal["primary", "replica"]
 #: Cancels a backend's query by pid (``pg_cancel_backend`` over a control connection).
 Canceller = Callable[[int, float], Awaitable[None]]
-State = Literal["up", "lagging", "down"]
+State = Literal["up", "lagging", "down", "diverged"]
 
 
 @dataclass(frozen=True)

@@ -147,7 +147,7 @@ class ReadPath:
 
     def _named(self, name: str, exclude: set[Node]) -> Node:
         node = self._core.cluster.get(name)
-        if node is None or node.retired or node.state == "down" or node in exclude:
+        if node is None or node.retired or node.state in ("down", "diverged") or node in exclude:
             state = "removed" if node is None or node.retired else node.state
             raise NodeUnavailableError(f"{self._core.name}: replica {name!r} is {state}", node=name)
         return node
@@ -210,7 +210,7 @@ class ReadPath:
         attempt = 0
         session = self._sessions.current()
         if session is not None and session.external:
-            await self._sessions.vet(session, self.current_positions)
+            await self._sessions.vet(session, self.current_positions, self._learn)
         deadline: float | None = None
         while True:
             node, nodes = await self._choose(route, tried, max_staleness, session)
@@ -333,6 +333,11 @@ class ReadPath:
         if node.lsn is None or position > node.lsn:
             node.lsn = position
         return position
+
+    async def _learn(self, timeout: float) -> bool:
+        """Learn the cluster's state now (one shared health round); True when done in time."""
+        monitor = self._core.monitor
+        return monitor is not None and await monitor.learn(timeout)
 
     async def current_positions(self) -> tuple[int, int] | None:
         """The primary's insert and flush positions now; ``None`` when it cannot answer."""

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
-from .consistency import WarnOnce, format_lsn, parse_lsn
+from .consistency import LSN_MASK, WarnOnce, format_lsn, format_token, parse_token, position
 from .core import Core
 
 __all__ = ["Cell", "Route", "Session", "Sessions"]
@@ -63,10 +63,11 @@ class Route:
 class Cell:
     """What one task, or one explicit session, has written or seen.
 
-    ``lsn``: the WAL position its reads require (0: none). ``wrote``: the highest position of
-    writes made in it or folded from its children (what an explicit session hands back to its
-    opener). ``last_write``: monotonic time of the last write (``sticky`` mode). ``external``:
-    ``lsn`` came from an untrusted token not vetted yet.
+    ``pos``: the position its reads require (0: none), ``timeline << 64 | lsn`` (see
+    ``consistency.position``). ``wrote``: the highest position of writes made in it or folded
+    from its children (what an explicit session hands back to its opener). ``last_write``:
+    monotonic time of the last write (``sticky`` mode). ``external``: ``pos`` came from an
+    untrusted token not vetted yet.
     """
 
     __slots__ = (
@@ -76,8 +77,8 @@ class Cell:
         "external",
         "folded",
         "last_write",
-        "lsn",
         "parent",
+        "pos",
         "registered",
         "task",
         "top",
@@ -89,14 +90,14 @@ class Cell:
         task: asyncio.Task[Any] | None,
         parent: Cell | None,
         *,
-        lsn: int = 0,
+        pos: int = 0,
         last_write: float = 0.0,
         top: bool = False,
         explicit: bool = False,
     ) -> None:
         self.task = task
         self.parent = parent
-        self.lsn = lsn
+        self.pos = pos
         self.wrote = 0
         self.last_write = last_write
         self.top = top
@@ -107,9 +108,14 @@ class Cell:
         self.registered = False
         self.folded = False
 
+    @property
+    def lsn(self) -> int:
+        """The WAL position (without its timeline) its reads require; 0: none."""
+        return self.pos & LSN_MASK
+
     def __repr__(self) -> str:
         kind = "session" if self.explicit else "top-level" if self.top else "child"
-        return f"<Cell {kind} lsn={format_lsn(self.lsn)} children={len(self.children)}>"
+        return f"<Cell {kind} {format_token(self.pos)} children={len(self.children)}>"
 
 
 #: ``mgr.session()`` yields a cell: kept under its old name for code that annotated it.
@@ -117,6 +123,8 @@ Session = Cell
 
 #: The primary's insert and flush positions, read now (``None``: it cannot answer).
 PositionReader = Callable[[], Awaitable[tuple[int, int] | None]]
+#: Learn the cluster's current state within a timeout; True once it is learnt.
+Learner = Callable[[float], Awaitable[bool]]
 
 # manager key -> route. Immutable mappings: a child task copies the context, and nothing it
 # sets can leak back into its parent's view.
@@ -145,7 +153,7 @@ class Sessions:
         #: Top-level cells that wrote and whose tasks are not folded yet.
         self._top: set[Cell] = set()
         #: What finished top-level tasks wrote: every top-level read requires it.
-        self._done_lsn = 0
+        self._done_pos = 0
         self._done_write = 0.0
         self._highest_lsn = 0
         self._warned = WarnOnce(maxsize=1024)
@@ -182,7 +190,7 @@ class Sessions:
         if task is None:
             # Sync code (allow_sync, at import time say) is no task anyone can await: what
             # it writes is done when the call returns, and every top-level task sees it.
-            return Cell(None, None, lsn=self._top_lsn(), last_write=self._done_write, top=True)
+            return Cell(None, None, pos=self._top_pos(), last_write=self._done_write, top=True)
         if cell is None or cell.task is not task:
             cell = self._new_cell(cell, task)
             self._cell.set(cell)
@@ -194,13 +202,13 @@ class Sessions:
         if inherited is None or _finished(inherited):
             # No live parent: a top-level task. A finished one inherited (asyncio.Runner
             # reuses one context across steps) still passes on what it required.
-            base = self._top_lsn()
+            base = self._top_pos()
             last = self._done_write
             if inherited is not None:
                 base = max(base, self._position(inherited))
                 last = max(last, inherited.last_write)
-            return Cell(task, None, lsn=base, last_write=last, top=True)
-        cell = Cell(task, inherited, lsn=self._position(inherited), last_write=inherited.last_write)
+            return Cell(task, None, pos=base, last_write=last, top=True)
+        cell = Cell(task, inherited, pos=self._position(inherited), last_write=inherited.last_write)
         cell.external = inherited.external
         cell.client = inherited.client
         return cell
@@ -208,7 +216,7 @@ class Sessions:
     def _position(self, cell: Cell) -> int:
         """What ``cell`` requires now, with its done children (and, top-level, done tasks)."""
         self._gather(cell)
-        return cell.lsn
+        return cell.pos
 
     def _gather(self, cell: Cell) -> None:
         """Fold in the work of finished children (and, for a top-level cell, finished tasks)."""
@@ -216,25 +224,25 @@ class Sessions:
             for child in [c for c in cell.children if _finished(c)]:
                 self._fold(child)
         if cell.top:
-            lsn = self._top_lsn()
-            if lsn > cell.lsn:
-                cell.lsn = lsn
+            pos = self._top_pos()
+            if pos > cell.pos:
+                cell.pos = pos
             if self._done_write > cell.last_write:
                 cell.last_write = self._done_write
 
-    def _top_lsn(self) -> int:
+    def _top_pos(self) -> int:
         """What finished top-level tasks wrote (folding any whose callback has not run)."""
         if self._top:
             for cell in [c for c in self._top if _finished(c)]:
                 self._fold(cell)
-        return self._done_lsn
+        return self._done_pos
 
     # ------------------------------------------------------------------ raising and folding
 
-    def _raise(self, cell: Cell, lsn: int, wrote: int, last_write: float) -> None:
-        """``cell`` now requires ``lsn``; registered with its parent to fold into it later."""
-        if lsn > cell.lsn:
-            cell.lsn = lsn
+    def _raise(self, cell: Cell, pos: int, wrote: int, last_write: float) -> None:
+        """``cell`` now requires ``pos``; registered with its parent to fold into it later."""
+        if pos > cell.pos:
+            cell.pos = pos
         if wrote > cell.wrote:
             cell.wrote = wrote
         if last_write > cell.last_write:
@@ -260,13 +268,13 @@ class Sessions:
         self._gather(cell)
         if cell.top:
             self._top.discard(cell)
-            self._done_lsn = max(self._done_lsn, cell.lsn)
+            self._done_pos = max(self._done_pos, cell.pos)
             self._done_write = max(self._done_write, cell.last_write)
             return
         parent = cell.parent
         if parent is not None:
             parent.children.discard(cell)
-            self._raise(parent, cell.lsn, cell.wrote, cell.last_write)
+            self._raise(parent, cell.pos, cell.wrote, cell.last_write)
 
     # ------------------------------------------------------------------ tokens and sessions
 
@@ -274,9 +282,9 @@ class Sessions:
     def token(self) -> str | None:
         """The position the current task's reads require, as a token; ``None`` when none."""
         cell = self.current()
-        if cell is None or not cell.lsn:
+        if cell is None or not cell.pos:
             return None
-        return format_lsn(cell.lsn)
+        return format_token(cell.pos)
 
     @contextlib.asynccontextmanager
     async def open(
@@ -287,8 +295,8 @@ class Sessions:
         The token is untrusted (vetted on the first read). When the block exits, what it
         and its children wrote folds into the task that opened it.
         """
-        cell = Cell(_current_task(), None, lsn=self._parse(token, client), explicit=True)
-        cell.external = cell.lsn > 0 and self._causal
+        cell = Cell(_current_task(), None, pos=self._parse(token, client), explicit=True)
+        cell.external = cell.pos > 0 and self._causal
         cell.client = client
         reset = self._cell.set(cell)
         try:
@@ -305,7 +313,7 @@ class Sessions:
         if not token:
             return 0
         try:
-            return parse_lsn(token)  # refuses anything long before looking at it
+            return parse_token(token)  # refuses anything long before looking at it
         except ValueError:
             self.warn_once(
                 client, "malformed", f"ignoring a malformed causal token ({len(token)} characters)"
@@ -314,8 +322,8 @@ class Sessions:
 
     def required(self, cell: Cell | None) -> int | None:
         """The WAL position a read of ``cell`` needs a replica to have replayed."""
-        if cell is not None and self._causal and cell.lsn:
-            return cell.lsn
+        if cell is not None and self._causal and cell.pos:
+            return cell.pos & LSN_MASK
         return None
 
     def sticky(self, cell: Cell | None) -> bool:
@@ -328,20 +336,23 @@ class Sessions:
             and time.monotonic() - cell.last_write < options.sticky_for
         )
 
-    def note_write(self, lsn: int | None) -> None:
-        """A write (or a commit that wrote) happened; ``lsn`` covers it in causal mode."""
+    def note_write(self, lsn: int | None, timeline: int | None = None) -> None:
+        """A write (or a commit that wrote) happened; ``lsn`` covers it in causal mode.
+
+        ``timeline``: the primary's when it wrote, so the token knows its history.
+        """
         cell = self.current()
         if cell is None:
             return
-        position = lsn or 0
+        pos = position(timeline, lsn) if lsn else 0
         now = time.monotonic()
         if cell.task is None:  # sync code: done at once (see current())
-            self._done_lsn = max(self._done_lsn, position)
+            self._done_pos = max(self._done_pos, pos)
             self._done_write = max(self._done_write, now)
         else:
-            self._raise(cell, position, position, now)
-        if position > self._highest_lsn:
-            self._highest_lsn = position
+            self._raise(cell, pos, pos, now)
+        if lsn and lsn > self._highest_lsn:
+            self._highest_lsn = lsn
 
     # ------------------------------------------------------------------ vetting
 
@@ -351,22 +362,65 @@ class Sessions:
             shown = "unknown" if client is None else repr(client[:60])
             logger.warning("%s: %s (client %s)", self._core.name, message, shown)
 
-    async def vet(self, cell: Cell, positions: PositionReader) -> None:
-        """Clamp an external token beyond every position known (a forged or absurd one).
+    async def vet(self, cell: Cell, positions: PositionReader, learn: Learner) -> None:
+        """Judge an external token once, before its first read trusts it.
 
-        A token at or below the highest position any member has shown (probes, own
-        writes) is fine. One beyond it may be another process's write that the last probe
-        missed, or garbage: the primary's current position, read now, decides. When the
-        primary cannot answer, the highest position known from any member does, so a
-        forged token never makes a read fail while standbys answer. This happens once per
-        cell, and only for such tokens.
+        A token within what this process knows (the primary's timeline, at or below the
+        highest position any member has shown) stands. One from a newer timeline, or beyond
+        every position seen, may be a genuine write on a primary this process has not
+        probed yet (a switchover seen by another process first): the cluster's state is
+        learnt first (one shared, rate-limited refresh; at most ``causal_wait`` here). Then:
+        a token on an older timeline, beyond where the primary's history left it, names a
+        write lost in a failover: it is satisfied at that branch point (counted, logged
+        once). A token the primary, reached and read now, shows beyond anything written is
+        clamped to its flush position (counted, logged once): a forged token never makes a
+        read fail or pins it to the primary. When nothing could be learnt in time, the token
+        is kept for this read and judged again on the next.
         """
+        timeline, lsn = cell.pos >> 64, cell.pos & LSN_MASK
+        if self._known(timeline, lsn):
+            cell.external = False
+            return
+        if not await learn(self._core.options.causal_wait):
+            return  # kept as is for this read: never a stale read on stale knowledge
         cell.external = False
-        lsn = cell.lsn
+        primary = self._core.cluster.primary
+        current_tli = primary.timeline if primary is not None else None
+        if timeline and current_tli and timeline < current_tli:
+            self._judge_older(cell, timeline, lsn)
+        elif not self._known(timeline, lsn):
+            await self._judge_beyond(cell, lsn, current_tli, positions)
+
+    def _known(self, timeline: int, lsn: int) -> bool:
+        """True for a position on the primary's timeline within what members have shown."""
+        primary = self._core.cluster.primary
+        if timeline and (primary is None or timeline != primary.timeline):
+            return False
         known = max((n.lsn or 0 for n in self._core.cluster), default=0)
         self._highest_lsn = max(self._highest_lsn, known)
-        if lsn <= self._highest_lsn:
-            return
+        return lsn <= self._highest_lsn
+
+    def _judge_older(self, cell: Cell, timeline: int, lsn: int) -> None:
+        """A token of an ancestor timeline: what of it the primary's history kept."""
+        monitor = self._core.monitor
+        history = monitor.history if monitor is not None else None
+        kept = history.surviving(timeline, lsn) if history is not None else None
+        if kept is None or kept >= lsn:
+            return  # on the primary's history (or unknowable): it stands
+        cell.pos = max(position(timeline, kept), cell.wrote)
+        self._core.counters.lost_tokens += 1
+        self.warn_once(
+            cell.client,
+            "lost",
+            f"a causal token of timeline {timeline} at {format_lsn(lsn)} is past where the "
+            f"primary's history left that timeline ({format_lsn(kept)}): its write was lost in "
+            "a failover; it is satisfied at that point",
+        )
+
+    async def _judge_beyond(
+        self, cell: Cell, lsn: int, timeline: int | None, positions: PositionReader
+    ) -> None:
+        """A token beyond every position seen: the primary's own positions decide."""
         current = clamp = self._highest_lsn
         answer = await positions()
         if answer is not None:
@@ -378,14 +432,16 @@ class Sessions:
             current = max(current, answer[0])
             clamp = answer[1]
         self._highest_lsn = max(self._highest_lsn, current)
-        if lsn > current:
-            cell.lsn = max(min(clamp, current), cell.wrote)
-            self.warn_once(
-                cell.client,
-                "clamped",
-                f"a causal token beyond every known WAL position ({format_lsn(current)}) "
-                f"was clamped to {format_lsn(cell.lsn)}",
-            )
+        if lsn <= current and (cell.pos >> 64) in (0, timeline):
+            return
+        cell.pos = max(position(timeline, min(clamp, current)), cell.wrote)
+        self._core.counters.clamped_tokens += 1
+        self.warn_once(
+            cell.client,
+            "clamped",
+            f"a causal token beyond every known WAL position ({format_lsn(current)}) "
+            f"was clamped to {format_lsn(cell.lsn)}",
+        )
 
 
 def _finished(cell: Cell) -> bool:

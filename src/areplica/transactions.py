@@ -375,4 +375,4 @@ class Transactions:
             self._sessions.note_write(None)
             return
         row = await self.run_bound(binding, WAL_POSITION_SQL, None, fetchone_raw)
-        self._sessions.note_write(token_position(parse_lsn(row[0])))
+        self._sessions.note_write(token_position(parse_lsn(row[0])), binding.node.timeline)

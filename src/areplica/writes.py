@@ -136,7 +136,7 @@ class WritePath:
                     result, fetch_error = await _fetch_guarded(core.database, cursor, fetch)
                     lsn = await self._position(cursor)
                 node.writes += 1
-                self._sessions.note_write(lsn)
+                self._sessions.note_write(lsn, node.timeline)
                 if fetch_error is not None:
                     raise fetch_error  # inside the wrapper: peewee's error types, as before
             discard = False

@@ -21,7 +21,7 @@ import pytest
 from fastapi import FastAPI
 
 from areplica import ReplicaManager
-from areplica.consistency import parse_lsn
+from areplica.consistency import parse_token
 from areplica.contrib.fastapi import AreplicaMiddleware, lifespan
 from areplica.testing.topology import LocalTopology
 from tests.conftest import Counter, make_manager, proxy, sql_on
@@ -68,7 +68,7 @@ async def write_row(mgr: ReplicaManager, label: str) -> int:
     await mgr.create(Counter, label=label)
     token = mgr.token
     assert token is not None
-    return parse_lsn(token)
+    return parse_token(token)
 
 
 async def read_row(mgr: ReplicaManager, label: str) -> tuple[bool, int]:
@@ -150,7 +150,7 @@ async def construct_then_read(
         return position
 
     await CONSTRUCTS[construct](write, label)
-    covered = mgr.token is not None and parse_lsn(mgr.token) >= written[0]
+    covered = mgr.token is not None and parse_token(mgr.token) >= written[0]
     found, port = await read_row(mgr, label)
     return found, port, covered
 
