@@ -36,8 +36,7 @@ from urllib.parse import quote
 import psycopg2
 
 from ..errors import ConfigurationError
-from ._support import TopologyLifecycle, run_sql
-from .topology import _segment_bytes
+from ._support import REPLAY_TARGET_SQL, TopologyLifecycle, replay_target, run_sql
 
 __all__ = ["DockerTopology", "primary_script", "replica_script", "server_command"]
 
@@ -348,16 +347,7 @@ class DockerTopology(TopologyLifecycle):
         """Wait until every running replica of the primary has replayed all its WAL."""
         if self._source in self._hung or not self.running(self._source):
             raise RuntimeError(f"{self._source} (the primary) is not running")
-        row = self._query(
-            self._source,
-            "SELECT pg_current_wal_lsn() - pg_lsn '0/0', current_setting('wal_block_size')::int,"
-            " current_setting('wal_segment_size', true)",
-        )[0]
-        target, block = int(row[0]), int(row[1])
-        if target % block == 24:  # just past a short page header: replay ends before it
-            target -= 24
-        elif target % block == 40 and target % _segment_bytes(row[2]) == 40:
-            target -= 40
+        target = replay_target(self._query(self._source, REPLAY_TARGET_SQL)[0])
         deadline = time.monotonic() + timeout
         sql = "SELECT pg_last_wal_replay_lsn() - pg_lsn '0/0'"
         for name, upstream in self._upstream.items():
