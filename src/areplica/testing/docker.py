@@ -343,15 +343,19 @@ class DockerTopology(TopologyLifecycle):
         sql = "SELECT setting FROM pg_settings WHERE name = 'recovery_min_apply_delay'"
         self._poll(lambda: int(self._query(node, sql)[0][0]) == int(ms), 10, f"delay on {node}")
 
-    def wait_replicated(self, timeout: float = 30) -> None:
-        """Wait until every running replica of the primary has replayed all its WAL."""
-        if self._source in self._hung or not self.running(self._source):
-            raise RuntimeError(f"{self._source} (the primary) is not running")
-        target = replay_target(self._query(self._source, REPLAY_TARGET_SQL)[0])
+    def wait_replicated(self, timeout: float = 30, source: str | None = None) -> None:
+        """Wait until every running replica of the primary has replayed all its WAL.
+
+        "The primary" is ``source``, by default the node replicas follow.
+        """
+        primary = source or self._source
+        if primary in self._hung or not self.running(primary):
+            raise RuntimeError(f"{primary} (the primary) is not running")
+        target = replay_target(self._query(primary, REPLAY_TARGET_SQL)[0])
         deadline = time.monotonic() + timeout
         sql = "SELECT pg_last_wal_replay_lsn() - pg_lsn '0/0'"
         for name, upstream in self._upstream.items():
-            if upstream != self._source or name in self._hung or not self.running(name):
+            if upstream != primary or name in self._hung or not self.running(name):
                 continue
 
             def replayed(name: str = name) -> bool:

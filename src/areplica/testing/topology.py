@@ -4,7 +4,11 @@
 (each with its own physical replication slot), starts every server on a free port of
 127.0.0.1 inside one temporary directory, and can then break things on purpose: kill, hang
 (SIGSTOP), stop, restart or promote a node, delay replay on a replica, and, with
-``proxies=True``, delay, blackhole or cut the TCP traffic in front of any node.
+``proxies=True``, delay, blackhole or cut the TCP traffic in front of any node. For history
+and high-availability tests it adds standbys at runtime (cascading from another standby
+too), forks the history (a standby promoted while its primary keeps writing), rebuilds a
+standby from another node with ``pg_basebackup`` and rewinds an old primary with
+``pg_rewind`` into a standby of the new one.
 
 Binaries are found in this order: ``pg_bin=...``, ``$AREPLICA_PG_BIN``, ``pg_config
 --bindir``, ``initdb`` on ``PATH``, Debian's ``/usr/lib/postgresql/*/bin`` (highest version
@@ -51,6 +55,7 @@ from typing import Any
 from urllib.parse import quote
 
 import psycopg2
+from psycopg2.extensions import make_dsn
 
 from ._support import REPLAY_TARGET_SQL, TopologyLifecycle, replay_target, run_sql
 from .processes import (
@@ -302,6 +307,14 @@ def _conf_value(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
+_NODE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,40}")
+
+
+def _slot_name(node: str) -> str:
+    """The physical replication slot ``node`` streams through, on the node it follows."""
+    return "areplica_" + node.replace("-", "_")
+
+
 # --------------------------------------------------------------------------------------
 # The topology
 
@@ -374,6 +387,10 @@ class LocalTopology(TopologyLifecycle):
     :meth:`cut` and :meth:`heal` inject network faults. :meth:`direct_dsn` always reaches
     the server itself.
 
+    ``rewindable=True`` runs every server with ``wal_log_hints = on`` and
+    ``full_page_writes = on`` (off otherwise, for speed), which :meth:`rewind` needs from
+    before the histories diverge; it also lets base backups be taken from a standby.
+
     Use as ``with LocalTopology() as topo:`` or ``async with LocalTopology() as topo:``, or
     call :meth:`start` and :meth:`close`. Servers are also stopped and the directory removed
     if the object is garbage collected or the interpreter exits without :meth:`close`.
@@ -387,6 +404,7 @@ class LocalTopology(TopologyLifecycle):
         user: str = "postgres",
         dbname: str = "postgres",
         password: str | None = None,
+        rewindable: bool = False,
     ) -> None:
         if replicas < 0:
             raise ValueError("replicas must be >= 0")
@@ -396,6 +414,7 @@ class LocalTopology(TopologyLifecycle):
         self.user = user
         self.dbname = dbname
         self.proxies = proxies
+        self.rewindable = rewindable
         self._pg_bin = pg_bin
         self._password = password
         self._names = [PRIMARY] + [f"replica-{i}" for i in range(1, replicas + 1)]
@@ -569,6 +588,8 @@ class LocalTopology(TopologyLifecycle):
             # Replicas reconnect quickly to a restarted primary (default: 5s).
             "wal_retrieve_retry_interval": "'200ms'",
         }
+        if self.rewindable:  # what pg_rewind needs (wal_log_hints: or data checksums)
+            settings.update(full_page_writes="on", wal_log_hints="on")
         if self.pg_version >= 13:
             settings["wal_keep_size"] = "'256MB'"
         else:
@@ -595,10 +616,7 @@ class LocalTopology(TopologyLifecycle):
         pwfile = node.home / "pwfile"
         try:
             if self._password is not None:
-                fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "w") as f:
-                    f.write(self._password + "\n")
-                account.chown(pwfile)
+                account.write_private(pwfile, self._password + "\n")
                 args.append(f"--pwfile={pwfile}")
             account.run(args)
         finally:
@@ -624,31 +642,32 @@ class LocalTopology(TopologyLifecycle):
                 f'CREATE DATABASE "{self.dbname.replace(chr(34), chr(34) * 2)}"',
                 dbname="postgres",
             )
-        for i in range(1, self.replicas + 1):
-            slot = f"areplica_replica_{i}"
-            self._query(PRIMARY, "SELECT pg_create_physical_replication_slot(%s, true)", (slot,))
+        for name in self._names[1:]:
+            self._create_slot(node, _slot_name(name))
 
     def _start_replica(self, name: str) -> None:
         node = self._new_node(name)
         node.upstream = PRIMARY
-        node.slot = f"areplica_replica_{name.rsplit('-', 1)[1]}"
-        primary = self._nodes[PRIMARY]
+        node.slot = _slot_name(name)
+        self._base_backup(node, self._nodes[PRIMARY], "-R", "-S", node.slot)
+        self._pg_ctl_start(node, first=True)
+
+    def _base_backup(self, node: _Node, source: _Node, *options: str) -> None:
+        """``pg_basebackup`` of ``source`` into ``node``'s data directory (must not exist)."""
         self._account.run(
             [
                 str(self.bin_dir / "pg_basebackup"),
                 "-h",
                 HOST,
                 "-p",
-                str(primary.port),
+                str(source.port),
                 "-U",
                 self.user,
                 "-D",
                 str(node.data),
                 "-X",
                 "stream",
-                "-R",
-                "-S",
-                node.slot,
+                *options,
                 "-c",
                 "fast",
                 "--no-sync",
@@ -656,7 +675,6 @@ class LocalTopology(TopologyLifecycle):
             ],
             env=self._client_env(),
         )
-        self._pg_ctl_start(node, first=True)
 
     def _pg_ctl_start(self, node: _Node, first: bool = False) -> None:
         """``pg_ctl start``; on a first start, retry on another port if this one was taken."""
@@ -833,17 +851,19 @@ class LocalTopology(TopologyLifecycle):
         The promoted node becomes the one :meth:`wait_replicated` measures against; the other
         replicas keep following the node they followed.
         """
-        n = self._node(node)
+        self._promote(self._node(node))
+        self._source = node
+
+    def _promote(self, n: _Node) -> None:
         if n.upstream is None:
-            raise RuntimeError(f"{node} is not a replica")
+            raise RuntimeError(f"{n.name} is not a replica")
         self._pg_ctl("promote", n, "-w", "-t", str(_START_TIMEOUT))
         self._poll(
-            lambda: not self._query(node, "SELECT pg_is_in_recovery()")[0][0],
+            lambda: not self._query(n.name, "SELECT pg_is_in_recovery()")[0][0],
             _START_TIMEOUT,
-            f"{node} to leave recovery",
+            f"{n.name} to leave recovery",
         )
         n.upstream = None
-        self._source = node
 
     def _pg_ctl(self, action: str, n: _Node, *args: str) -> None:
         self._account.run(
@@ -873,21 +893,19 @@ class LocalTopology(TopologyLifecycle):
             f"recovery_min_apply_delay = {int(ms)}ms on {node}",
         )
 
-    def wait_replicated(self, timeout: float = 30) -> None:
+    def wait_replicated(self, timeout: float = 30, source: str | None = None) -> None:
         """Wait until every running replica has replayed all WAL the primary has written.
 
-        "The primary" is the node replicas follow (the last promoted one, if any); replicas
-        that are down, hung, or follow another node are skipped. Raises TimeoutError.
+        "The primary" is ``source``, by default the node replicas follow (the last promoted
+        one, if any); its replicas are those streaming from it, directly or through other
+        standbys (cascading). Replicas that are down, hung, behind one that is, or that
+        follow another node are skipped. Raises TimeoutError.
         """
-        source = self._node(self._source)
-        if source.server.pid() is None or source.hung:
-            raise RuntimeError(f"{source.name} (the primary) is not running")
-        target = replay_target(self._query(source.name, REPLAY_TARGET_SQL)[0])
-        replicas = [
-            n
-            for n in self._nodes.values()
-            if n.upstream == source.name and not n.hung and n.server.pid()
-        ]
+        primary = self._node(source or self._source)
+        if primary.server.pid() is None or primary.hung:
+            raise RuntimeError(f"{primary.name} (the primary) is not running")
+        target = replay_target(self._query(primary.name, REPLAY_TARGET_SQL)[0])
+        replicas = self._followers(primary.name)
         deadline = time.monotonic() + timeout
         sql = "SELECT pg_last_wal_replay_lsn() - pg_lsn '0/0'"
         for n in replicas:
@@ -901,6 +919,205 @@ class LocalTopology(TopologyLifecycle):
                 f"{n.name} to replay up to {target}",
                 interval=0.01,
             )
+
+    def _followers(self, source: str) -> list[_Node]:
+        """Running, unhung nodes streaming from ``source``, directly or through such nodes."""
+        found: list[_Node] = []
+        upstreams = [source]
+        while upstreams:
+            upstream = upstreams.pop()
+            for n in self._nodes.values():
+                if n.upstream == upstream and not n.hung and n.server.pid() is not None:
+                    found.append(n)
+                    upstreams.append(n.name)
+        return found
+
+    # ---------------------------------------------------------------- history and HA
+
+    def add_replica(self, name: str, upstream: str | None = None) -> str:
+        """Add a standby ``name`` streaming from ``upstream`` (a primary or another standby).
+
+        Without ``upstream``, from the node replicas follow. The standby gets a slot on its
+        upstream, a base backup (see :meth:`rebuild` for where from), the topology's settings
+        and a proxy when ``proxies=True``. Returns its name once it streams.
+        """
+        if not _NODE_NAME.fullmatch(name):
+            raise ValueError(f"node names are lowercase letters, digits, '-' and '_': {name!r}")
+        if name in self._names:
+            raise ValueError(f"there is a node {name!r} already")
+        source = self._running_node(upstream or self._source)
+        node = self._new_node(name)
+        self._names.append(name)
+        self._clone(node, source, first=True)
+        if self._proxies is not None:
+            node.proxy_port = self._proxies.add(name, HOST, node.port)
+        return name
+
+    def rebuild(self, node: str, source: str) -> None:
+        """Wipe ``node``'s data and clone it anew from ``source``; it then streams from there.
+
+        ``node`` is stopped first (whatever it was: a standby, an old primary, a killed
+        node); its slot on the node it followed is dropped. The base backup comes from
+        ``source`` itself when it is a primary or the topology is ``rewindable``; else from
+        the primary ``source`` streams from, since PostgreSQL refuses a backup from a standby
+        that replayed WAL written with ``full_page_writes = off``.
+        """
+        n, upstream = self._node(node), self._running_node(source)
+        self._check_can_follow(n, upstream)
+        self._take_down(n)
+        shutil.rmtree(n.data)
+        self._clone(n, upstream, first=False)
+        self._reroot()
+
+    def rewind(self, node: str, source: str) -> None:
+        """``pg_rewind`` ``node`` (an old primary) onto ``source``'s history; then it streams
+        from ``source``.
+
+        ``node`` is stopped first if it runs (a killed one is recovered by ``pg_rewind``
+        itself, PostgreSQL 13 or newer). Its writes after the histories diverged are lost,
+        as in production. Standbys that followed ``node`` past that point diverged too:
+        rebuild them. Needs ``rewindable=True``.
+        """
+        if not self.rewindable:
+            raise RuntimeError("rewind() needs a topology created with rewindable=True")
+        n, upstream = self._node(node), self._running_node(source)
+        self._check_can_follow(n, upstream)
+        self._take_down(n)
+        # pg_rewind reads the source's timeline from its control file, which a promoted
+        # node updates only at its first checkpoint: without one, "no rewind required".
+        self._query(upstream.name, "CHECKPOINT")
+        self._account.run(
+            [
+                str(self.bin_dir / "pg_rewind"),
+                "-D",
+                str(n.data),
+                "--source-server",
+                str(make_dsn(host=HOST, port=upstream.port, user=self.user, dbname="postgres")),
+                "--no-sync",
+            ],
+            timeout=_START_TIMEOUT * 3,
+            env=self._client_env(),
+        )
+        n.slot = _slot_name(n.name)
+        self._create_slot(upstream, n.slot)
+        self._follow(n, upstream, first=False)
+        self._reroot()
+
+    def fork(self, node: str) -> None:
+        """Promote standby ``node`` while the node it streams from keeps running: a split brain.
+
+        Both then accept writes, on diverging timelines (the promoted one on the next
+        timeline). The other standbys keep following the old node: their
+        ``primary_conninfo`` names its port, and it never sends them the new timeline, so
+        they stay on its history. Unlike :meth:`promote`, the old node remains the one
+        :meth:`wait_replicated` measures against. ``node``'s slot on the old node is dropped.
+        """
+        n = self._node(node)
+        old = self._nodes[n.upstream] if n.upstream is not None else None
+        slot = n.slot
+        self._promote(n)
+        if old is not None and slot is not None:
+            self._drop_slot(old, slot)
+        n.slot = None
+
+    def timeline(self, node: str) -> int:
+        """The timeline ``node`` writes WAL on (a primary) or receives it on (a standby)."""
+        sql = (
+            "SELECT CASE WHEN pg_is_in_recovery() THEN coalesce("
+            "(SELECT received_tli FROM pg_stat_wal_receiver),"
+            " (pg_control_checkpoint()).timeline_id)"
+            " ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int"
+            " END"
+        )
+        return int(self._query(node, sql)[0][0])
+
+    def _running_node(self, name: str) -> _Node:
+        n = self._node(name)
+        if n.server.pid() is None or n.hung:
+            raise RuntimeError(f"{name} is not running")
+        return n
+
+    def _check_can_follow(self, n: _Node, upstream: _Node) -> None:
+        """Refuse a loop: ``upstream`` must not be ``n`` nor stream from it."""
+        name: str | None = upstream.name
+        while name is not None:
+            if name == n.name:
+                raise ValueError(f"{upstream.name} streams from {n.name}: it cannot follow it")
+            name = self._nodes[name].upstream
+
+    def _take_down(self, n: _Node) -> None:
+        """Stop ``n`` (fast), drop its slot upstream, clear what a killed server left."""
+        self.stop(n.name)
+        if n.upstream is not None and n.slot is not None:
+            self._drop_slot(self._nodes[n.upstream], n.slot)
+        n.upstream = n.slot = None
+        n.server.clear_stale(self.directory, n.port)
+
+    def _clone(self, node: _Node, upstream: _Node, first: bool) -> None:
+        """Make ``node`` (no data yet) a standby of ``upstream`` and start it."""
+        node.slot = _slot_name(node.name)
+        self._create_slot(upstream, node.slot)
+        if upstream.upstream is None or self.rewindable:
+            self._base_backup(node, upstream, "-S", node.slot)
+        else:
+            self._base_backup(node, self._nodes[self._root(upstream.name)])
+        self._follow(node, upstream, first)
+
+    def _follow(self, node: _Node, upstream: _Node, first: bool) -> None:
+        """Configure ``node`` as a standby of ``upstream``, start it, wait until it streams."""
+        conninfo = make_dsn(host=HOST, port=upstream.port, user=self.user, password=self._password)
+        _set_auto_conf(
+            node.data,
+            {"primary_conninfo": str(conninfo), "primary_slot_name": node.slot or ""},
+            self._account,
+        )
+        signal_file = node.data / "standby.signal"
+        signal_file.touch()
+        self._account.chown(signal_file)
+        node.upstream = upstream.name
+        self._pg_ctl_start(node, first=first)
+        # On the upstream's timeline: a rewound node streams the old one up to the switch
+        # first, then waits while its receiver restarts on the new one.
+        wanted = [("streaming", upstream.port, self.timeline(upstream.name))]
+        self._poll(
+            lambda: self._query(node.name, _RECEIVER_SQL) == wanted,
+            _START_TIMEOUT,
+            f"{node.name} streaming from {upstream.name}",
+        )
+
+    def _create_slot(self, n: _Node, slot: str) -> None:
+        self._query(
+            n.name,
+            "SELECT pg_create_physical_replication_slot(%s, true) WHERE NOT EXISTS"
+            " (SELECT FROM pg_replication_slots WHERE slot_name = %s)",
+            (slot, slot),
+        )
+
+    def _drop_slot(self, n: _Node, slot: str) -> None:
+        """Drop ``slot`` on ``n`` once its walsender is gone; nothing if ``n`` is down."""
+        if n.server.pid() is None or n.hung:
+            return
+        drop = (
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+            " WHERE slot_name = %s AND NOT active"
+        )
+        exists = "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s"
+
+        def dropped() -> bool:
+            self._query(n.name, drop, (slot,))
+            return self._query(n.name, exists, (slot,)) == [(0,)]
+
+        self._poll(dropped, _START_TIMEOUT, f"slot {slot} dropped on {n.name}")
+
+    def _root(self, name: str) -> str:
+        """The primary at the top of ``name``'s chain of upstreams."""
+        while (upstream := self._nodes[name].upstream) is not None:
+            name = upstream
+        return name
+
+    def _reroot(self) -> None:
+        """After a node became a standby: replicas follow the primary at the top of its chain."""
+        self._source = self._root(self._source)
 
     # ---------------------------------------------------------------- proxy faults
 
@@ -928,3 +1145,20 @@ class LocalTopology(TopologyLifecycle):
         """``node``'s proxy forwards normally again (no delay, no blackhole)."""
         self._node(node)
         self._proxy().heal(node)
+
+
+_RECEIVER_SQL = "SELECT status, sender_port, received_tli FROM pg_stat_wal_receiver"
+
+
+def _set_auto_conf(data: Path, settings: Mapping[str, str], account: ServiceAccount) -> None:
+    """Set ``settings`` in ``postgresql.auto.conf`` (replacing earlier lines of theirs).
+
+    A cloned or rewound data directory brings its source's settings there (a standby's
+    ``primary_conninfo``, say): the new ones must replace them, not follow them.
+    """
+    path = data / "postgresql.auto.conf"
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [ln for ln in lines if ln.split("=", 1)[0].strip() not in settings]
+    kept += [f"{key} = {_conf_value(value)}" for key, value in settings.items()]
+    path.write_text("\n".join(kept) + "\n")
+    account.chown(path)
