@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -11,14 +10,7 @@ from psycopg2.extensions import make_dsn, parse_dsn
 from areplica.testing._support import run_sql
 from areplica.testing.haproxy import READ, WRITE, Backend, HAProxy, find_executable
 from areplica.testing.patroni import PatroniTopology
-
-
-def gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2 :].split()[0] in ("Z", "X", "x")
+from tests.patroni.test_harness import gone
 
 
 def through(topo: PatroniTopology, port: int, sql: str) -> list[tuple[object, ...]]:

@@ -17,6 +17,7 @@ import shutil
 import signal
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg2
@@ -47,9 +48,10 @@ class Daemon(TopologyLifecycle):
     when the program serves (by default: once every port accepts TCP connections).
 
     ``user`` is the operating-system user to run it as (None: ourselves); the folder is
-    theirs. Use as a context manager (sync or async), or call :meth:`start` and
-    :meth:`close`; :meth:`stop` and :meth:`kill` end the process only, and :meth:`start`
-    runs it again with the same configuration.
+    theirs. ``attach`` (e.g. a topology's ``on_close``) is handed the cleanup on the first
+    start, so that the daemon stops with what it is attached to. Use as a context manager
+    (sync or async), or call :meth:`start` and :meth:`close`; :meth:`stop` and :meth:`kill`
+    end the process only, and :meth:`start` runs it again with the same configuration.
     """
 
     #: The program's name: its folder's prefix, its log's name, its messages'.
@@ -60,10 +62,18 @@ class Daemon(TopologyLifecycle):
     stop_signal = signal.SIGTERM
     stop_timeout = 10.0
 
-    def __init__(self, executable: str, *, name: str | None = None, user: str | None = None):
+    def __init__(
+        self,
+        executable: str,
+        *,
+        name: str | None = None,
+        user: str | None = None,
+        attach: Callable[[Callable[[], None]], None] | None = None,
+    ) -> None:
         self.executable = executable
         self.name = name or self.program
         self.user = user
+        self._attach = attach
         self.ports: dict[str, int] = {}
         self._args: list[str] = []
         self._owner: ProcessOwner | None = None
@@ -142,6 +152,8 @@ class Daemon(TopologyLifecycle):
         """Create the owner of the folder and the processes (first start only)."""
         owner = self._owner = ProcessOwner(f"{type(self).__name__} {self.name}")
         self._finalizer = weakref.finalize(self, owner.close)
+        if self._attach is not None:
+            self._attach(owner.close)  # the owner only: what it closes never refers to us
         owner.open(f"areplica-{self.program}-", _user_entry(self.user))
         return owner
 

@@ -9,6 +9,10 @@ is checked every ``inter`` seconds, by a TCP connection to its PostgreSQL port o
 
 - :meth:`HAProxy.for_patroni`: Patroni's sample layout, a write listener checked with
   ``GET /primary`` and a read listener checked with ``GET /replica`` (benchmark scenario 7).
+- :class:`LoadBalancer`: nodes of a :class:`~areplica.testing.LocalTopology` (its standbys,
+  say) behind one address, round robin per connection, as a Kubernetes Service in front of
+  replica pods; a killed backend is skipped (failed connects are redispatched, failed checks
+  mark it down).
 """
 
 from __future__ import annotations
@@ -20,13 +24,18 @@ import re
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from psycopg2.extensions import make_dsn, parse_dsn
 
 from .daemon import Daemon, DaemonUnavailable, find_program
 from .processes import HOST
+
+if TYPE_CHECKING:
+    from .topology import LocalTopology
 
 __all__ = [
     "READ",
@@ -35,12 +44,14 @@ __all__ = [
     "HAProxy",
     "HAProxyUnavailable",
     "Listener",
+    "LoadBalancer",
     "find_executable",
     "version",
 ]
 
 WRITE = "pg_write"  # Patroni's write listener: GET /primary
 READ = "pg_read"  # Patroni's read listener: GET /replica
+BALANCED = "pg"  # the one listener of a LoadBalancer
 
 
 class HAProxyUnavailable(DaemonUnavailable):
@@ -98,7 +109,8 @@ class HAProxy(Daemon):
     ``inter``, ``fall`` and ``rise`` go to ``default-server`` of every listener (check every
     ``inter`` seconds; down after ``fall`` failed checks, up after ``rise`` good ones);
     ``maxconn`` caps the connections to each backend. ``executable``: found on PATH (or in
-    ``/usr/sbin``) when not given.
+    ``/usr/sbin``) when not given. ``user`` and ``attach``: see
+    :class:`~areplica.testing.daemon.Daemon`.
     """
 
     program = "haproxy"
@@ -115,6 +127,7 @@ class HAProxy(Daemon):
         maxconn: int = 200,
         name: str = "haproxy",
         user: str | None = None,
+        attach: Callable[[Callable[[], None]], None] | None = None,
     ) -> None:
         if not listeners or not all(listener.backends for listener in listeners):
             raise ValueError("HAProxy needs listeners, each with at least one backend")
@@ -125,7 +138,7 @@ class HAProxy(Daemon):
             raise HAProxyUnavailable(
                 "haproxy not found on PATH nor in /usr/sbin (Debian: apt-get install haproxy)"
             )
-        super().__init__(found, name=name, user=user)
+        super().__init__(found, name=name, user=user, attach=attach)
         self.listeners = list(listeners)
         self.inter, self.fall, self.rise, self.maxconn = inter, fall, rise, maxconn
         self.config_text = ""
@@ -271,3 +284,53 @@ class HAProxy(Daemon):
                     f"within {timeout}s"
                 )
             time.sleep(0.05)
+
+
+class LoadBalancer(HAProxy):
+    """``nodes`` of a LocalTopology behind one address, round robin per connection.
+
+    What an application sees behind a Kubernetes Service over replica pods: each new
+    connection goes to the next backend; a backend that refuses connections is skipped at
+    once (the connection is redispatched) and marked down after ``fall`` failed TCP checks,
+    ``inter`` seconds apart (0.5 here). ``options`` are :class:`HAProxy`'s (``inter``,
+    ``fall``, ``rise``, ``maxconn``, ``executable``). HAProxy runs as the user the servers
+    run as, and stops with the topology (or on :meth:`close`).
+    """
+
+    def __init__(
+        self,
+        topology: LocalTopology,
+        nodes: Sequence[str],
+        *,
+        name: str = "load-balancer",
+        **options: Any,
+    ) -> None:
+        if not nodes:
+            raise ValueError("a load balancer needs at least one node")
+        backends = tuple(Backend(node, topology.port(node)) for node in nodes)
+        listener = Listener(BALANCED, backends, redispatch=True)
+        options.setdefault("inter", 0.5)
+        super().__init__(
+            [listener], name=name, user=topology.os_user, attach=topology.on_close, **options
+        )
+        self.nodes = list(nodes)
+        # Who connects, and to which database: the topology's, at the balancer's address.
+        self._conninfo = parse_dsn(topology.direct_dsn(nodes[0]))
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The ``(host, port)`` clients connect to."""
+        return HOST, self.port(BALANCED)
+
+    @property
+    def dsn(self) -> str:
+        """A libpq DSN for the balancer's address (the topology's user, password, database)."""
+        return str(make_dsn(**{**self._conninfo, "host": HOST, "port": self.port(BALANCED)}))
+
+    def backends_up(self) -> set[str]:
+        """The nodes HAProxy would send a new connection to now."""
+        return self.up()[BALANCED]
+
+    def wait_backends(self, nodes: set[str], timeout: float = 30.0) -> float:
+        """Wait until exactly ``nodes`` are up in HAProxy's view; seconds waited."""
+        return self.wait_states({BALANCED: set(nodes)}, timeout)
