@@ -1040,7 +1040,7 @@ class PatroniTopology(TopologyLifecycle):
                 raise RuntimeError(f"{member} is the leader; switchover() first")
             m.down = True
             if m.patroni is not None:
-                m.patroni.signal(signal.SIGTERM)  # it stops its PostgreSQL (fast) and exits
+                m.patroni.send_signal(signal.SIGTERM)  # it stops its PostgreSQL (fast) and exits
                 m.patroni.wait(timeout)
             if m.pids():
                 m.kill()
@@ -1072,7 +1072,7 @@ class PatroniTopology(TopologyLifecycle):
             self._write_config(m)
             if m.patroni is None or not m.patroni.running:
                 return
-            m.patroni.signal(signal.SIGHUP)
+            m.patroni.send_signal(signal.SIGHUP)
 
             def shown() -> bool:
                 current = self._entries(self.cluster()).get(member, {}).get("tags", {})

@@ -49,12 +49,17 @@ __all__ = [
     "Spawned",
     "alive",
     "children",
+    "file_size",
     "free_port",
+    "freeze",
+    "proc_state",
     "send",
     "stop_servers",
     "tail",
     "wait_gone",
+    "wait_listening",
     "wait_stopped",
+    "working_directory",
 ]
 
 log = logging.getLogger(__name__)
@@ -450,9 +455,13 @@ class ServiceAccount:
 class Spawned:
     """A long-running program the harness started, known by its pid (never by its name).
 
-    ``stop_signal`` asks it to stop (SIGKILL: it is killed with its children at once, so it
-    starts nothing more); what is left after ``stop_timeout`` seconds is SIGKILLed, with
-    the rest of the process group it leads.
+    ``stop_signal`` asks it to stop, and what is left of the process group it leads after
+    ``stop_timeout`` seconds is SIGKILLed; SIGKILL kills it and its children at once (so it
+    starts nothing more), and nothing else.
+
+    Once it has exited it is left unreaped (a zombie) until :meth:`stop`: meanwhile its pid,
+    which is also its process group's id, cannot be given to another process, so signalling
+    that group can only reach what it started.
     """
 
     def __init__(
@@ -483,12 +492,21 @@ class Spawned:
     @property
     def running(self) -> bool:
         """Whether it has not exited yet."""
-        return self.popen.poll() is None
+        return self.returncode is None
 
     @property
     def returncode(self) -> int | None:
-        """Its exit status (None while it runs)."""
-        return self.popen.poll()
+        """Its exit status (-N: killed by signal N; None while it runs), without reaping it."""
+        if self.popen.returncode is not None:
+            return self.popen.returncode
+        try:
+            info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # reaped already
+            return self.popen.poll()
+        if info is None:
+            return None
+        killed = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
+        return -info.si_status if killed else info.si_status
 
     def pids(self) -> list[int]:
         """It and its children, when it runs."""
@@ -498,34 +516,30 @@ class Spawned:
         """The end of what it wrote since it started."""
         return tail(self.log_path, self.log_start, limit)
 
-    def signal(self, sig: signal.Signals) -> None:
+    def send_signal(self, sig: signal.Signals) -> None:
         """Send ``sig`` to it (by its pid), if it runs."""
         if self.running:
             send([self.pid], sig)
 
     def wait(self, timeout: float) -> bool:
-        """Whether it exits within ``timeout`` seconds (it is reaped then)."""
-        try:
-            self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return False
+        """Whether it exits within ``timeout`` seconds (left unreaped, see the class)."""
+        deadline = time.monotonic() + timeout
+        while self.running:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
         return True
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop it by its pid (``stop_signal``, then SIGKILL to its process group)."""
+        """Stop it by its pid (``stop_signal``, then SIGKILL to its process group); reap it."""
         if self.stop_signal == signal.SIGKILL:
-            self.kill()
-            return
-        if not self.running:
-            return
-        self.signal(self.stop_signal)
-        if not self.wait(self.stop_timeout if timeout is None else timeout):
-            self._kill_group()
-            self.wait(10.0)
-        # Children that outlived it, in the group it led. Only right after it exited: its
-        # pid cannot be anybody's new process group while members of its group remain, but
-        # could be long after, once they are all gone.
-        self._kill_group()
+            self.kill()  # its tree only: what it started in a session of its own lives on
+        else:
+            if self.running:
+                self.send_signal(self.stop_signal)
+                self.wait(self.stop_timeout if timeout is None else timeout)
+            self._kill_group()  # it, if it lingers, and children that outlived it
+        self._reap()
 
     def kill(self, timeout: float = 15.0) -> list[int]:
         """SIGKILL it and its children (stopped first, so none forks); return their pids."""
@@ -535,13 +549,20 @@ class Spawned:
         send(victims, signal.SIGKILL)
         if not wait_gone(victims, timeout):
             raise RuntimeError(f"{self.name}: processes {victims} survived SIGKILL")
+        # A zombie whose other threads still exit is not waitable yet: wait until it is.
         self.wait(5.0)
         return victims
 
     def _kill_group(self) -> None:
-        # Started with start_new_session: its process group id is its pid.
+        """SIGKILL its process group (its id is its pid: started with start_new_session)."""
+        if self.popen.returncode is not None:
+            return  # reaped: the id may name another process group by now
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
+
+    def _reap(self) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=10)
 
 
 @dataclass

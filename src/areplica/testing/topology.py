@@ -960,7 +960,8 @@ class LocalTopology(TopologyLifecycle):
         node); its slot on the node it followed is dropped. The base backup comes from
         ``source`` itself when it is a primary or the topology is ``rewindable``; else from
         the primary ``source`` streams from, since PostgreSQL refuses a backup from a standby
-        that replayed WAL written with ``full_page_writes = off``.
+        that replayed WAL written with ``full_page_writes = off``. Standbys that streamed
+        from ``node`` lose their slot on it: rebuild them too.
         """
         n, upstream = self._node(node), self._running_node(source)
         self._check_can_follow(n, upstream)
