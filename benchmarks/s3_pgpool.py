@@ -106,7 +106,7 @@ async def run(ctx: Context) -> dict[str, Any]:
         ctx.log(f"  pgpool {out['pgpool_version']} on port {pgpool.port} (pid {pgpool.pid})")
         await _measure(ctx, pgpool, out)
     finally:
-        pgpool.stop()  # blocking on purpose: it must run even when the task was cancelled
+        pgpool.close()  # blocking on purpose: it must run even when the task was cancelled
     return out
 
 

@@ -4,7 +4,7 @@ On a Patroni cluster of its own (etcd and three members, ``PatroniTopology``; th
 ``LocalTopology`` is not used), HAProxy runs with two listeners over every member: writes
 checked with ``GET /primary``, reads with ``GET /replica`` and ``balance roundrobin``, both
 with ``default-server inter 1s fall 2 rise 1 on-marked-down shutdown-sessions`` and the
-member's Patroni REST port as the check port (see ``haproxy.py``). Its client is a plain
+member's Patroni REST port as the check port (``areplica.testing.haproxy``). Its client is a plain
 peewee-async database (an aiopg pool) on each port; areplica's is one manager following
 Patroni (``patroni=`` REST URLs, ``health_interval=0.25``, ``health_timeout=1.0``), same
 driver. Two measurements:
@@ -37,10 +37,18 @@ from peewee_async.databases import fetchall
 from psycopg2.extensions import parse_dsn
 
 from areplica import ReplicaManager
+from areplica.testing.haproxy import (
+    READ,
+    WRITE,
+    Backend,
+    HAProxy,
+    HAProxyUnavailable,
+    find_executable,
+    version,
+)
 from areplica.testing.patroni import PatroniTopology, PatroniUnavailable
 
 from .common import Context, median, opened, percentile, ratio, rnd, rotated, run_load
-from .haproxy import READ, WRITE, Backend, HAProxy, HAProxyUnavailable, find_executable, version
 
 AREPLICA = "areplica"
 HAPROXY = "haproxy"
@@ -466,7 +474,7 @@ async def run(ctx: Context) -> dict[str, Any]:
         backends = [
             Backend(m, topo.port(m), int(topo.rest_url(m).rsplit(":", 1)[1])) for m in topo.members
         ]
-        hap = HAProxy(executable, backends, **CHECKS)
+        hap = HAProxy.for_patroni(backends, executable=executable, **CHECKS)
         try:
             await asyncio.to_thread(hap.start)
         except (HAProxyUnavailable, OSError) as exc:
@@ -482,6 +490,6 @@ async def run(ctx: Context) -> dict[str, Any]:
     finally:
         # Blocking on purpose: they must run even when the task was cancelled.
         if hap is not None:
-            hap.stop()
+            hap.close()
         topo.close()
     return out

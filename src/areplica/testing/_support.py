@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 import psycopg2
 
-__all__ = ["TopologyLifecycle", "run_sql"]
+__all__ = ["REPLAY_TARGET_SQL", "TopologyLifecycle", "replay_target", "run_sql"]
 
 _T = TypeVar("_T", bound="TopologyLifecycle")
 
@@ -76,3 +77,35 @@ class TopologyLifecycle:
     async def aclose(self) -> None:
         """:meth:`close` in a worker thread, for async code."""
         await asyncio.to_thread(self.close)
+
+
+#: The primary's position that every replica must replay: what :func:`replay_target` reads.
+REPLAY_TARGET_SQL = (
+    "SELECT pg_current_wal_lsn() - pg_lsn '0/0', current_setting('wal_block_size')::int,"
+    " current_setting('wal_segment_size', true)"
+)
+
+
+def replay_target(row: Sequence[Any]) -> int:
+    """The WAL position (bytes) replicas must replay, from a row of :data:`REPLAY_TARGET_SQL`.
+
+    Every commit is written out (synchronous_commit is on), so the write position covers
+    them all. A position reported just past a page header, where no replay can end, counts
+    from the page start.
+    """
+    target, block = int(row[0]), int(row[1])
+    if target % block == 24:  # short page header
+        return target - 24
+    if target % block == 40 and target % _segment_bytes(row[2]) == 40:  # long header
+        return target - 40
+    return target
+
+
+def _segment_bytes(setting: Any) -> int:
+    """``wal_segment_size`` as bytes ('16MB' on recent servers, a count of 8kB blocks on old)."""
+    text = str(setting or "16MB").strip()
+    match = re.fullmatch(r"(\d+)\s*([kMG]?B)?", text)
+    if match is None:
+        return 16 * 1024 * 1024
+    units = {None: 8192, "kB": 1024, "MB": 1024**2, "GB": 1024**3, "B": 1}
+    return int(match.group(1)) * units[match.group(2)]

