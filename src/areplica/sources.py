@@ -289,8 +289,9 @@ class PatroniSource:
         self._scope: str | None = None
         self._client: aiohttp.ClientSession | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
-        self._idle: asyncio.TimerHandle | None = None
-        self._closing: set[asyncio.Task[None]] = set()
+        self._keeper: asyncio.Task[None] | None = None
+        self._busy = 0  # fetches under way
+        self._used = 0.0  # loop time of the last fetch's end
         self._failing_since: float | None = None
         self._failed_in_row = 0
         self._warned_at = -math.inf
@@ -310,10 +311,11 @@ class PatroniSource:
         client = self._client
         if client is not None and (client.closed or self._client_loop is not loop):
             # Closed, or made by another event loop (a manager reopened under a new
-            # asyncio.run()): its connections belong to that loop and cannot be used here.
+            # asyncio.run(), which cancelled the keeper and so closed it): not usable here.
+            self._client = None
             if not client.closed:
                 client.detach()
-            client = self._client = None
+            client = None
         if client is None:
             aiohttp = self._aiohttp
             connector = aiohttp.TCPConnector(
@@ -335,43 +337,48 @@ class PatroniSource:
             )
             self._client = client
             self._client_loop = loop
+            self._keeper = loop.create_task(self._keep(client), name=f"{self.name}-patroni")
         return client
 
-    def _touch(self) -> None:
-        """Release the client after ``keepalive`` seconds without a fetch.
+    async def _keep(self, client: aiohttp.ClientSession) -> None:
+        """Own the open client: close it after ``keepalive`` idle seconds, or when cancelled.
 
-        The manager closes its source from ``close()``; this also frees the connections
-        of a source that nobody closes (and keeps it alive until then, so that its client
-        is never garbage-collected open).
+        The manager closes its source from ``close()``, which cancels this task. It also
+        ends a client that nobody closes: after ``keepalive`` seconds without a fetch, or
+        when its event loop shuts down (``asyncio.run()`` and ``asyncio.Runner`` cancel
+        every task before closing the loop), so that no socket outlives its loop.
         """
-        if self._idle is not None:
-            self._idle.cancel()
         loop = asyncio.get_running_loop()
-        self._idle = loop.call_later(self.keepalive, self._release_idle)
-
-    def _release_idle(self) -> None:
-        self._idle = None
-        task = asyncio.ensure_future(self.close())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        try:
+            while True:
+                idle = loop.time() - self._used
+                if self._busy:  # a fetch under way: look again a keepalive later
+                    idle = 0.0
+                elif idle >= self.keepalive:
+                    break
+                await asyncio.sleep(self.keepalive - idle)
+        finally:
+            if self._client is client:
+                self._client = None
+            if self._keeper is asyncio.current_task():
+                self._keeper = None
+            await client.close()
 
     async def close(self) -> None:
         """Close the HTTP client and its connections (idempotent; a later fetch reopens)."""
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        keeper, self._keeper = self._keeper, None
         client, self._client = self._client, None
-        if client is None or client.closed:
+        if keeper is None or keeper.done():
+            if client is not None and not client.closed:
+                client.detach()  # pragma: no cover - the keeper always closes its client
             return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:  # pragma: no cover - close() is a coroutine: always a loop
-            running = None
-        if self._client_loop is not running:
-            client.detach()  # another loop's connections: nothing to close from here
+        if keeper.get_loop() is not asyncio.get_running_loop():
+            if client is not None:
+                client.detach()  # another loop's connections: nothing to close from here
             return
-        # Shielded: a cancelled close() still closes the client's sockets.
-        await asyncio.shield(client.close())
+        keeper.cancel()
+        # The keeper closes the client as it ends; a cancelled close() lets it finish.
+        await asyncio.shield(asyncio.wait({keeper}))
 
     # ------------------------------------------------------------------ fetch
 
@@ -382,18 +389,19 @@ class PatroniSource:
         was.
         """
         self.fetches += 1
-        if self._idle is not None:  # a fetch under way: the client is not idle
-            self._idle.cancel()
-            self._idle = None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
+        self._busy += 1
         try:
-            view, index, errors = await self._race(deadline)
+            view, winner, errors = await self._race(deadline)
         finally:
-            self._touch()
+            self._busy -= 1
+            self._used = loop.time()
         if view is not None:
-            if index:  # ask the one that answered first next time
-                self._endpoints.insert(0, self._endpoints.pop(index))
+            if winner is not None and self._endpoints[0] is not winner:
+                # Ask the one that answered first next time.
+                self._endpoints.remove(winner)
+                self._endpoints.insert(0, winner)
             if self._failing_since is not None:
                 logger.warning(
                     "%s: Patroni answers again (%s) after %d failed fetch(es) in %.1fs",
@@ -424,10 +432,13 @@ class PatroniSource:
         )
         return None
 
-    async def _race(self, deadline: float) -> tuple[PatroniView | None, int, list[str]]:
+    async def _race(
+        self, deadline: float
+    ) -> tuple[PatroniView | None, _Endpoint | None, list[str]]:
         """Ask the endpoints in order, the next one when the last failed or is slow."""
         loop = asyncio.get_running_loop()
-        count = len(self._endpoints)
+        order = list(self._endpoints)  # a concurrent fetch may reorder the list meanwhile
+        count = len(order)
         stagger = self.timeout / count
         attempts: dict[asyncio.Task[PatroniView], int] = {}
         errors: dict[int, str] = {}
@@ -437,7 +448,7 @@ class PatroniSource:
             while True:
                 now = loop.time()
                 if started < count and (now >= next_start or not attempts):
-                    endpoint = self._endpoints[started]
+                    endpoint = order[started]
                     task = asyncio.ensure_future(self._attempt(endpoint, deadline))
                     attempts[task] = started
                     started += 1
@@ -456,9 +467,9 @@ class PatroniSource:
                         if winner is None or index < winner[1]:
                             winner = (task.result(), index)
                     else:
-                        errors[index] = f"{self._endpoints[index].shown}: {_describe(exc)}"
+                        errors[index] = f"{order[index].shown}: {_describe(exc)}"
                 if winner is not None:
-                    return winner[0], winner[1], []
+                    return winner[0], order[winner[1]], []
         finally:
             for task in attempts:
                 task.cancel()
@@ -472,12 +483,10 @@ class PatroniSource:
         for index in range(count):
             if index not in errors:
                 if index < started:
-                    errors[index] = (
-                        f"{self._endpoints[index].shown}: no answer within {self.timeout:g}s"
-                    )
+                    errors[index] = f"{order[index].shown}: no answer within {self.timeout:g}s"
                 else:
-                    errors[index] = f"{self._endpoints[index].shown}: not asked (no time left)"
-        return None, -1, [errors[i] for i in sorted(errors)]
+                    errors[index] = f"{order[index].shown}: not asked (no time left)"
+        return None, None, [errors[i] for i in sorted(errors)]
 
     async def _attempt(self, endpoint: _Endpoint, deadline: float) -> PatroniView:
         loop = asyncio.get_running_loop()

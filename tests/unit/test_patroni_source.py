@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import logging
 import shutil
 import ssl
 import subprocess
 import sys
+import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +142,12 @@ def http11(body: bytes, status: str = "200 OK") -> bytes:
         f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
     )
     return head.encode() + body
+
+
+async def answer_ok(request: Request, writer: asyncio.StreamWriter) -> bool:
+    writer.write(http11(BODY))
+    await writer.drain()
+    return True
 
 
 def source(*urls: str, timeout: float = 2.0, **options: Any) -> PatroniSource:
@@ -467,6 +476,19 @@ async def test_failover_to_the_next_endpoint_and_prefer_it(serve: Any) -> None:
         await src.close()
 
 
+async def test_concurrent_fetches_share_the_client(serve: Any) -> None:
+    server = await serve(answer_ok)
+    dead = "http://127.0.0.1:1"
+    src = source(dead, server.url, dead.replace(":1", ":2"), timeout=1.0)
+    try:
+        views = await asyncio.gather(*(src.fetch() for _ in range(20)))
+        assert all(names(view) == ["n1", "n2", "n3"] for view in views)
+        assert src.urls == [server.url, dead, "http://127.0.0.1:2"]
+        assert len({t for t in asyncio.all_tasks() if t.get_name() == "src-patroni"}) == 1
+    finally:
+        await src.close()
+
+
 async def test_a_hung_first_endpoint_does_not_cost_the_round(serve: Any) -> None:
     hung: Server
 
@@ -546,11 +568,15 @@ async def test_close_is_idempotent_and_the_source_reopens(serve: Any) -> None:
     src = source(server.url)
     await src.close()  # never opened
     assert await src.fetch() is not None
+    keepers = [t for t in asyncio.all_tasks() if t.get_name() == "src-patroni"]
+    assert len(keepers) == 1  # owns the open client
     await src.close()
+    assert keepers[0].done()
     await src.close()
     assert await src.fetch() is not None  # a manager that reopens
     assert server.connections == 2
     await src.close()
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "src-patroni"]
 
 
 async def test_an_idle_source_releases_its_client(serve: Any) -> None:
@@ -571,6 +597,39 @@ async def test_an_idle_source_releases_its_client(serve: Any) -> None:
     assert client.closed
     assert await src.fetch() is not None
     await src.close()
+
+
+def test_a_source_outliving_its_loop_leaves_no_warning(tmp_path: Path) -> None:
+    async def answer() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(http11(BODY))
+                await writer.drain()
+                await reader.read()  # keep the connection until the client closes it
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        kept.append(source(f"http://127.0.0.1:{port}"))
+        assert await kept[0].fetch() is not None
+        server.close()
+        # The source is never closed: asyncio.run() ends with its connection kept alive.
+
+    kept: list[PatroniSource] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # asyncio.run() cancels the source's keeper task, which closes the client (and its
+        # kept-alive connection) before the loop closes.
+        thread = threading.Thread(target=asyncio.run, args=(answer(),))
+        thread.start()
+        thread.join(30)
+        client = kept[0]._client
+        kept.clear()
+        gc.collect()
+    assert client is None
+    assert [str(w.message) for w in caught] == []
 
 
 def test_without_aiohttp_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -738,12 +797,6 @@ def server_context(certs: Certs, *, client_certs: bool) -> ssl.SSLContext:
         context.load_verify_locations(certs.ca)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
-
-
-async def answer_ok(request: Request, writer: asyncio.StreamWriter) -> bool:
-    writer.write(http11(BODY))
-    await writer.drain()
-    return True
 
 
 async def test_tls_with_a_private_ca(serve: Any, certs: Certs) -> None:
