@@ -216,7 +216,9 @@ class PatroniSource:
     Needs aiohttp (``pip install 'areplica[patroni]'``); without it the constructor raises
     ``ConfigurationError``. The constructor does no I/O. The HTTP client is made on the
     first :meth:`fetch` and reused by every later one (keep-alive where the server allows
-    it); :meth:`close` releases it, is idempotent, and a later fetch makes a new one.
+    it); a task named ``f"{name}-patroni"`` owns it while it is open. :meth:`close`
+    releases it, is idempotent, and a later fetch makes a new one. ``fetches`` and
+    ``failures`` count the fetches made and those that got no answer.
     """
 
     def __init__(
