@@ -16,7 +16,8 @@ module's private state. ``tests/unit/test_layers.py`` checks this table against 
     1  options       every option: default, validation, environment parsing
     2  node          one server: its pool, connection slots, counters, status
     3  cluster       the members, identity, discovered roles
-    4  sources       member sources: Patroni REST
+    0  membership    which members a source's answer adds, flags and removes (pure)
+    4  sources       member sources: Patroni REST (aiohttp)
     4  health        probes, lag, the state machine, the background health task
     5  core          what every query path shares: options, cluster, lifecycle, counters
     6  sessions      causal cells that follow the program, tokens in and out, vetting; scopes

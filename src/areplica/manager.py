@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal
@@ -27,12 +28,13 @@ from .drivers import get_driver
 from .engine import Engine
 from .errors import ClosedError, ConfigurationError, NoPrimaryError, TopologyError
 from .health import HealthMonitor, HealthSettings, ProbeResult, probe
+from .membership import MemberTracker
 from .node import Node, NodeStatus
 from .options import Options
 from .policies import POLICIES
 from .queries import QueryAPI
 from .sessions import Route, Session
-from .sources import PatroniSource
+from .sources import PatroniSource, PatroniView
 from .transactions import Binding
 
 __all__ = ["ReplicaManager"]
@@ -56,7 +58,7 @@ class ReplicaManager(QueryAPI):
         replicas: Sequence[str] | Mapping[str, str] = (),
         *,
         members: str | Sequence[str] | Mapping[str, str] | None = None,
-        patroni: str | Sequence[str] | None = None,
+        patroni: str | Sequence[str] | PatroniSource | None = None,
         dsn: str | None = None,
         **options: Any,
     ) -> None:
@@ -70,6 +72,7 @@ class ReplicaManager(QueryAPI):
         for entry in _member_entries(primary, replicas, members):
             self._add_entry(*entry)
         self._source = self._patroni_source(patroni)
+        self._tracker = MemberTracker(self.name, interval=self.options.health_interval)
         if not len(self._cluster) and self._source is None:
             raise ConfigurationError(
                 "no members: give primary=/replicas=, members=, or patroni=", option="members"
@@ -99,11 +102,22 @@ class ReplicaManager(QueryAPI):
             except ConfigurationError as exc:
                 raise ConfigurationError(str(exc), option=option) from None
 
-    def _patroni_source(self, patroni: str | Sequence[str] | None) -> PatroniSource | None:
+    def _patroni_source(
+        self, patroni: str | Sequence[str] | PatroniSource | None
+    ) -> PatroniSource | None:
         if patroni is None:
             return None
-        urls = [patroni] if isinstance(patroni, str) else list(patroni)
         template = self._template or next((n.dsn for n in self._cluster), None)
+        if isinstance(patroni, PatroniSource):  # built by the caller (TLS, credentials)
+            if template is None:
+                raise ConfigurationError(
+                    "patroni: a dsn= template (user, password, dbname) is needed for the "
+                    "members it discovers",
+                    option="patroni",
+                )
+            self._template = template
+            return patroni
+        urls = [patroni] if isinstance(patroni, str) else list(patroni)
         if not urls or template is None:
             raise ConfigurationError(
                 "patroni: expected REST URLs and a dsn= template (user, password, "
@@ -211,6 +225,7 @@ class ReplicaManager(QueryAPI):
             raise ClosedError(f"manager {self.name!r} is closing; connect() again after it")
         if core.lifecycle is Lifecycle.CLOSED:
             self._forget_roles()
+            self._tracker.reset()
         monitor = self._new_monitor()
         if self._source is not None:
             await self._refresh_members()
@@ -304,6 +319,8 @@ class ReplicaManager(QueryAPI):
         reopen the manager afterwards.
         """
         core = self._core
+        if self._source is not None:
+            await self._source.close()  # also after a failed connect(): its HTTP client
         if core.lifecycle is Lifecycle.CLOSING:
             await self._closed.wait()
             return
@@ -388,25 +405,64 @@ class ReplicaManager(QueryAPI):
         await node.pool.close()
 
     async def _refresh_members(self) -> None:
-        """Apply the member source's view (Patroni): members added, removed, tagged."""
-        source = self._source
-        template = self._template
+        """Apply the member source's view (Patroni), by the rules of ``MemberTracker``.
+
+        Listed members are added and flagged (stopping, demoting, ``noloadbalance``) at
+        once; one that is not listed leaves only after several answers without it or when
+        its probes fail, and the reachable primary never leaves on the source's word alone.
+        """
+        source, template = self._source, self._template
         if source is None or template is None:
             return
         view = await source.fetch()
         if view is None:
-            return
-        for member in view.members:
-            node = self._cluster.get(member.name) or self._member_for(
-                member.name, template.with_address(member.host, member.port)
-            )
-            node.read_weight = 0.0 if member.noloadbalance else self._weights.get(node.name, 1.0)
-            node.paused = not member.serving
-        names = {m.name for m in view.members}
-        for node in list(self._cluster):
-            if node.name not in names and node.source == "patroni" and not node.retired:
-                logger.info("%s: member %s left the cluster (Patroni)", self.name, node.label)
+            return  # no answer is no evidence: nothing changes
+        by_name = self._source_members(view, template)
+        update = self._tracker.update(
+            view.members,
+            present=list(by_name),
+            answering=[name for name, node in by_name.items() if node.state != "down"],
+            primary=self._reachable_primary(by_name),
+            now=time.monotonic(),
+            paused=view.paused,
+        )
+        listed = {m.name: m for m in view.members}
+        for name in update.add:
+            member = listed[name]
+            by_name[name] = self._member_for(name, template.with_address(member.host, member.port))
+        for name, flags in update.flags.items():
+            node = by_name[name]
+            node.read_weight = 0.0 if flags.no_reads else self._weights.get(node.name, 1.0)
+            node.paused = flags.paused
+        for name in update.remove:
+            node = by_name[name]
+            if node.source == "patroni" and not node.retired:
+                logger.info(
+                    "%s: member %s left the cluster (Patroni: %s)",
+                    self.name,
+                    node.label,
+                    update.why[name],
+                )
                 await self._drop(node)
+
+    def _source_members(self, view: PatroniView, template: dsn_mod.NodeDSN) -> dict[str, Node]:
+        """The members the source manages, by the source's names (static entries included)."""
+        by_name = {n.name: n for n in self._cluster if n.source == "patroni"}
+        for member in view.members:
+            if member.name in by_name:
+                continue
+            address = template.with_address(member.host, member.port).address
+            clash = next((n for n in self._cluster if n.dsn.address == address), None)
+            if clash is not None:  # a static entry for the same server
+                by_name[member.name] = clash
+        return by_name
+
+    def _reachable_primary(self, by_name: Mapping[str, Node]) -> str | None:
+        """The source's name of the primary, when it is reachable and alone."""
+        primary = self._cluster.primary
+        if primary is None or primary.state == "down" or self._cluster.split_brain:
+            return None
+        return next((name for name, node in by_name.items() if node is primary), None)
 
     def _member_for(self, name: str, parsed: dsn_mod.NodeDSN) -> Node:
         """The node for a member a source reports: a static entry for it, or a new one."""

@@ -4,10 +4,9 @@ A small REST front in the test passes the real Patroni's ``/cluster`` on, but ev
 0.5 s it leaves out the leader, or every member, or the replicas. The members answer every
 probe all along: writes must go on without a gap, and no member may leave or go down.
 
-Until the manager applies ``areplica.membership.MemberTracker`` to each answer these tests
-fail (the primary is dropped, writes stall behind ``primary_wait``, re-added replicas wait
-``recover_after``); they are marked ``xfail(strict=True)`` so that the integration turns
-them into passes, and the marker must then go.
+Before the manager applied ``areplica.membership.MemberTracker`` to each answer these tests
+failed (the primary was dropped, writes stalled behind ``primary_wait``, re-added replicas
+waited ``recover_after``).
 """
 
 from __future__ import annotations
@@ -26,10 +25,7 @@ from areplica import ReplicaManager
 from areplica.node import NodeStatus
 from areplica.testing.patroni import PatroniTopology
 
-pytestmark = [
-    pytest.mark.patroni,
-    pytest.mark.xfail(strict=True, reason="issue 17: the manager does not apply MemberTracker yet"),
-]
+pytestmark = pytest.mark.patroni
 
 FLIP = 0.5  # seconds between a full answer and one that leaves members out
 RUN = 6.0
