@@ -376,10 +376,9 @@ class HealthMonitor:
         self._primary_clock: tuple[float, float] | None = None
         self._learning: asyncio.Task[None] | None = None
         self._learnt_at = float("-inf")
-        #: The current primary's timeline history, and for which (server, timeline).
-        self.history: History | None = None
-        self._history_key: tuple[object, int] | None = None
-        self._history_retry_at = 0.0
+        #: Timeline histories of members out of recovery, by (server, timeline).
+        self._histories: dict[tuple[object, int], History] = {}
+        self._history_retry: dict[tuple[object, int], float] = {}
         #: The timeline each standby's WAL receiver was last seen receiving.
         self._received: dict[Node, int] = {}
         self._seeding = False
@@ -540,10 +539,12 @@ class HealthMonitor:
         self, results: Mapping[Node, ProbeResult | BaseException], now: float
     ) -> None:
         # Roles first, then the primary's history: standbys are judged against both.
+        # Histories first (the only I/O here), so that roles and every standby's verdict
+        # change together: no read may see the new primary with standbys judged by the old.
+        await self._learn_histories(results)
         self.cluster.observe(
             {n: r.identity if isinstance(r, ProbeResult) else r for n, r in results.items()}
         )
-        await self._learn_history()
         primary = self.cluster.primary
         result = results.get(primary) if primary is not None else None
         if isinstance(result, ProbeResult):
@@ -563,36 +564,47 @@ class HealthMonitor:
                     continue
                 self._transition(node, self._state(node).failure())
 
-    async def _learn_history(self) -> None:
-        """Read the primary's timeline history once per (server, timeline)."""
+    @property
+    def history(self) -> History | None:
+        """The current primary's timeline history (``None`` before one is known)."""
         primary = self.cluster.primary
         if primary is None or primary.timeline is None:
-            return
-        key = (primary.server, primary.timeline)
-        if key == self._history_key and self.history is not None:
-            if self.history.complete or time.monotonic() < self._history_retry_at:
-                return
-        self._history_key = key
-        if primary.timeline <= 1:
-            self.history = History(primary.timeline)
-            return
+            return None
+        return self._histories.get((primary.server, primary.timeline))
+
+    async def _learn_histories(self, results: Mapping[Node, ProbeResult | BaseException]) -> None:
+        """Read the history of every member out of recovery, once per (server, timeline)."""
+        now = time.monotonic()
+        for node, result in results.items():
+            if not isinstance(result, ProbeResult) or result.in_recovery:
+                continue
+            timeline = result.identity.timeline
+            if timeline is None:
+                continue
+            key = (result.identity.server, timeline)
+            known = self._histories.get(key)
+            if known is not None and (known.complete or now < self._history_retry.get(key, 0)):
+                continue
+            self._histories[key] = await self._read_history(node, timeline, key)
+
+    async def _read_history(self, node: Node, timeline: int, key: tuple[object, int]) -> History:
+        if timeline <= 1:
+            return History(timeline)
         try:
-            text = await self._probe_connection(primary).read_history(
-                primary.timeline, self.settings.timeout
-            )
-            self.history = parse_history(primary.timeline, text)
+            text = await self._probe_connection(node).read_history(timeline, self.settings.timeout)
+            return parse_history(timeline, text)
         except Exception as exc:
-            self.history = History(primary.timeline, complete=False)
-            self._history_retry_at = time.monotonic() + HISTORY_RETRY
+            self._history_retry[key] = time.monotonic() + HISTORY_RETRY
             logger.warning(
-                "%s: cannot read timeline %s's history on primary %s (%s); standbys on an "
-                "older timeline serve nothing until they receive timeline %s",
+                "%s: cannot read timeline %s's history on %s (%s); standbys on an older "
+                "timeline serve nothing until they receive timeline %s",
                 self.settings.name,
-                primary.timeline,
-                primary.name,
+                timeline,
+                node.name,
                 f"{type(exc).__name__}: {exc}".strip()[:200],
-                primary.timeline,
+                timeline,
             )
+            return History(timeline, complete=False)
 
     def _standby_timeline(self, node: Node, result: ProbeResult) -> int | None:
         """The timeline a standby is on: what its WAL receiver receives, else last seen."""
