@@ -436,7 +436,9 @@ class ReplicaManager(QueryAPI):
             node.paused = flags.paused
         for name in update.remove:
             node = by_name[name]
-            if node.source == "patroni" and not node.retired:
+            # Only a member the source itself added under that name: never a static entry,
+            # nor a server the source also lists (or listed) under another name.
+            if node.source == "patroni" and node.name == name and not node.retired:
                 logger.info(
                     "%s: member %s left the cluster (Patroni: %s)",
                     self.name,
