@@ -57,6 +57,7 @@ class Cluster:
         self.system_id: int | None = None
         self.split_brain = False
         self._refused: dict[Node, str] = {}
+        self._first = True  # no primary found yet since the start (or a reset)
 
     def __repr__(self) -> str:
         primary = self.primary.name if self.primary else None
@@ -77,6 +78,7 @@ class Cluster:
         self.system_id = None
         self.split_brain = False
         self._refused.clear()
+        self._first = True
         for node in self._members.values():
             node.in_recovery = node.system_id = node.timeline = node.server = None
 
@@ -218,14 +220,18 @@ class Cluster:
         if leaders:
             new = leaders[0]
             if new is not current:
-                logger.warning(
-                    "%s: %s is the primary now (timeline %s; was %s)",
+                # The first primary found is no news (a start, a reopen): INFO. Any later
+                # one is a role change an operator should see: WARNING.
+                logger.log(
+                    logging.INFO if self._first else logging.WARNING,
+                    "%s: %s is the primary (timeline %s%s)",
                     self.name,
                     new.label,
                     new.timeline,
-                    current.name if current else None,
+                    f"; was {current.name}" if current is not None else "",
                 )
             new.role = "primary"
             self.primary = new
+            self._first = False
         elif current is not None and current.in_recovery is True:
             self.primary = None

@@ -44,6 +44,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -244,13 +245,13 @@ def service_user() -> pwd.struct_passwd:
             raise SetupError(
                 _no_user_advice(candidates[0], f"{name!r} was not found after useradd")
             ) from None
-    log.info(
-        "running as root without a %r user: created the system user %r to run PostgreSQL "
-        "(remove it with: userdel %s)",
-        candidates[0],
-        name,
-        name,
+    message = (
+        f"running as root without a {candidates[0]!r} user: created the system user {name!r} "
+        f"to run PostgreSQL (remove it with: userdel {name})"
     )
+    log.info("%s", message)
+    # Once per machine (the user exists afterwards), and seen even with logging unset.
+    print(f"areplica: {message}", file=sys.stderr, flush=True)
     return _unprivileged(entry)
 
 
