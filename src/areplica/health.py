@@ -472,11 +472,15 @@ class HealthMonitor:
     async def _run(self) -> None:
         interval = self.settings.interval
         while not self._stop.is_set():
+            # Cleared before the round: a wake() during it (a failed connection, halt())
+            # starts the next round, or ends the loop, at once instead of being lost.
+            self._wake.clear()
             try:
                 await self.round()
             except Exception:  # CancelledError passes: close() must win
                 logger.exception("%s: health round failed", self.name)
-            self._wake.clear()
+            if self._stop.is_set():
+                break
             with contextlib.suppress(asyncio.TimeoutError):
                 async with _timeout(interval):
                     await self._wake.wait()
