@@ -37,6 +37,14 @@ def integration(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "-m", "integration or faults", *session.posargs)
 
 
+@nox.session(python=["3.12"])
+def causality(session: nox.Session) -> None:
+    """Read-your-writes through every asyncio construct on 3.12 (wait_for runs in the caller
+    there; CI runs it on 3.10, 3.11 and 3.13 with the other integration tests)."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", "tests/integration/test_causality.py", *session.posargs)
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check."""
