@@ -116,6 +116,7 @@ async def run_all(
             what += f", every hop through a proxy adding {link_delay_ms} ms each way"
         log(f"starting {what}")
         await asyncio.to_thread(topo.start)
+        log(f"  in {topo.directory}")
         await asyncio.to_thread(create_schema, topo)
         results["machine"] = await asyncio.to_thread(machine_info, topo)
         ctx = Context(settings=settings, topology=topo, log=log)

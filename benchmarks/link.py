@@ -101,30 +101,34 @@ async def _throughput(dsn: str, seconds: float) -> float:
         await pool.wait_closed()
 
 
-def _delivery(topo: LocalTopology, count: int) -> list[float]:
-    """Microseconds from a commit on the primary until a standby has replayed it (blocking).
+def _delivery(topo: LocalTopology, count: int, delays: dict[str, float]) -> dict[str, list[float]]:
+    """Microseconds from a commit on the primary until a standby has replayed it (blocking),
+    ``count`` times for each replication delay of ``delays``, alternating.
 
     The standby is polled on a direct connection as fast as it answers; the commit's
     position is read right after it returns (the WAL travels meanwhile)."""
     primary = psycopg2.connect(topo.direct_dsn("primary"), connect_timeout=10)
     standby = psycopg2.connect(topo.direct_dsn(NODE), connect_timeout=10)
+    out: dict[str, list[float]] = {path: [] for path in delays}
     try:
         primary.autocommit = standby.autocommit = True
-        out: list[float] = []
         with primary.cursor() as write, standby.cursor() as poll:
-            for _ in range(count):
-                write.execute(f"INSERT INTO {PROBE_TABLE} DEFAULT VALUES")
-                began = time.perf_counter()
-                write.execute("SELECT pg_current_wal_insert_lsn()")
-                lsn = write.fetchone()[0]  # type: ignore[index]
-                while True:
-                    poll.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,))
-                    if poll.fetchone()[0]:  # type: ignore[index]
-                        break
-                    if time.perf_counter() - began > 10:
-                        raise TimeoutError(f"{NODE} did not replay {lsn} in 10 s")
-                out.append((time.perf_counter() - began) * 1e6)
-                time.sleep(0.005)  # let the standby's feedback settle between probes
+            for i in range(count):
+                paths = list(delays) if i % 2 == 0 else list(reversed(delays))
+                for path in paths:
+                    topo.delay(NODE, delays[path], replication=True)
+                    time.sleep(0.005)  # the stream is idle: the new delay holds from now
+                    write.execute(f"INSERT INTO {PROBE_TABLE} DEFAULT VALUES")
+                    began = time.perf_counter()
+                    write.execute("SELECT pg_current_wal_insert_lsn()")
+                    lsn = write.fetchone()[0]  # type: ignore[index]
+                    while True:
+                        poll.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,))
+                        if poll.fetchone()[0]:  # type: ignore[index]
+                            break
+                        if time.perf_counter() - began > 10:
+                            raise TimeoutError(f"{NODE} did not replay {lsn} in 10 s")
+                    out[path].append((time.perf_counter() - began) * 1e6)
         return out
     finally:
         primary.close()
@@ -147,7 +151,7 @@ async def measure(ctx: Context) -> dict[str, Any]:
         raise RuntimeError("no link in this run")
     topo = ctx.topology
     quick = ctx.settings.quick
-    rounds, count, seconds, samples = (2, 200, 0.5, 30) if quick else (4, 400, 1.0, 60)
+    rounds, count, seconds, samples = (2, 200, 0.5, 40) if quick else (4, 400, 1.0, 100)
     direct, through = topo.direct_dsn(NODE), topo.dsn(NODE)
     rtt: dict[str, list[float]] = {"direct": [], "proxy_no_delay": [], "link": []}
     tput: dict[str, list[float]] = {"direct": [], "proxy_no_delay": [], "link": []}
@@ -167,12 +171,11 @@ async def measure(ctx: Context) -> dict[str, Any]:
     await asyncio.to_thread(
         _sql, topo, f"CREATE TABLE IF NOT EXISTS {PROBE_TABLE} (id serial PRIMARY KEY)"
     )
-    delivery: dict[str, list[float]] = {}
     try:
-        for path, delay in (("proxy_no_delay", 0.0), ("link", ms)):
-            await asyncio.to_thread(topo.delay, NODE, delay, replication=True)
-            await asyncio.to_thread(topo.wait_replicated, 30)
-            delivery[path] = await asyncio.to_thread(_delivery, topo, samples)
+        await asyncio.to_thread(topo.wait_replicated, 30)
+        delivery = await asyncio.to_thread(
+            _delivery, topo, samples, {"proxy_no_delay": 0.0, "link": ms}
+        )
     finally:
         await asyncio.to_thread(topo.delay, NODE, ms, replication=True)
         await asyncio.to_thread(_sql, topo, f"DROP TABLE IF EXISTS {PROBE_TABLE}")
@@ -181,11 +184,13 @@ async def measure(ctx: Context) -> dict[str, Any]:
         "delay_ms_each_way": ms,
         "nominal_rtt_added_us": rnd(2 * ms * 1000, 1),
         "hops": [
-            "client -> each node (areplica, and the plain client of Pgpool-II's peers)",
+            "client (areplica) -> each node",
             "client -> Pgpool-II, and Pgpool-II -> each backend (two links per query)",
             "each standby -> primary (replication)",
         ],
         "measured_on": NODE,
+        # The topology's proxy process runs at nice -10 when allowed (ProxyProcess).
+        "proxy_niced": getattr(getattr(topo, "_proxies", None), "niced", None),
         "rtt_us": {
             **{path: rnd(v, 1) for path, v in rtt_med.items()},
             "p90": {path: rnd(percentile(v, 90), 1) for path, v in rtt.items()},
