@@ -96,7 +96,7 @@ if hasattr(selectors, "EpollSelector"):
             self._timer_fd: int = fd
             self._spec = _Itimerspec()
             self._epoll: select.epoll = getattr(self, "_selector")  # noqa: B009
-            self._key_of: Any = getattr(self, "_key_from_fd")  # noqa: B009
+            self._keys: dict[int, selectors.SelectorKey] = getattr(self, "_fd_to_key")  # noqa: B009
             # Straight on the epoll object: unknown to the selector's map, never reported.
             self._epoll.register(fd, select.EPOLLIN)
 
@@ -125,7 +125,7 @@ if hasattr(selectors, "EpollSelector"):
                     with contextlib.suppress(BlockingIOError):
                         os.read(fd, 8)
                     continue
-                key = self._key_of(fd)
+                key = self._keys.get(fd)
                 if key is not None:
                     mask = 0
                     if event & ~select.EPOLLIN:
