@@ -477,7 +477,10 @@ def goals(results: dict[str, Any]) -> list[Row]:
     guarded("5_consistency", "5. Consistency cost", s5)
     guarded("5_consistency_link", "5. Consistency cost, link", s5)
     if _scenario(results, "1_overhead") or _scenario(results, "5_consistency"):
-        s6({})
+        try:
+            s6({})
+        except (KeyError, TypeError, IndexError):
+            pass  # older results of scenario 1 or 5: their own rows say so
     guarded("7_haproxy", "7. HAProxy + Patroni peer", s7)
     return rows
 
