@@ -255,6 +255,7 @@ class _Link:
             return
         self.upstream, side.peer, self.client.peer = side, self.client, side
         self.kick(self.client)
+        self.kick(side)
 
     def gone(self, side: _Side) -> None:
         """A socket closed: if it was not us, its EOF ends the link once due."""
