@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import peewee_async
 from areplica import ReplicaManager
 from areplica.testing import LocalTopology
 from areplica.testing._support import run_sql
+from areplica.testing.proxy import ProxyProcess
 
 ROWS = 10_000
 TABLE = "bench_item"
@@ -100,21 +101,21 @@ class Settings:
             s2_pool_size=4,
             s2_concurrency=64,
             s2_seconds=2.0,
-            s3_rounds=5,
+            s3_rounds=10,
             s3_pool_size=16,
             s3_concurrency=16,
-            s3_seconds=2.5,
+            s3_seconds=2.0,
             s4_rounds=3,
             s4_pool_size=8,
             s4_concurrency=16,
             s4_phase_seconds=8.0,
             s4_kill_at=2.0,
             s4_restart_at=4.5,
-            s5_rounds=3,
+            s5_rounds=10,
             s5_pool_size=8,
             s5_concurrency=16,
-            s5_write_seconds=2.0,
-            s5_mixed_seconds=3.0,
+            s5_write_seconds=1.5,
+            s5_mixed_seconds=2.0,
             s7_rounds=7,
             s7_pool_size=16,
             s7_concurrency=16,
@@ -169,11 +170,33 @@ class Settings:
 
 @dataclass
 class Context:
-    """What a scenario gets: the settings and the shared topology (primary + 2 replicas)."""
+    """What a scenario gets: the settings and the shared topology (primary + 2 replicas).
+
+    With a link (``--link-delay-ms``), ``topology`` has a delaying proxy in front of every
+    node and on every standby's replication stream (``topology.dsn()`` goes through them),
+    ``link`` holds the link's measurements (``link.measure``) and ``proxies`` runs further
+    delaying proxies a scenario needs (e.g. in front of Pgpool-II).
+    """
 
     settings: Settings
     topology: LocalTopology
     log: Callable[[str], None]
+    link_delay_ms: float | None = None
+    link: dict[str, Any] | None = None
+    proxies: ProxyProcess | None = None
+
+    def backend_port(self, node: str) -> int:
+        """The port a middleman (Pgpool-II) reaches ``node`` on: through the link if any."""
+        port = self.topology.proxy_port(node) if self.link_delay_ms is not None else None
+        return port if port is not None else self.topology.port(node)
+
+    def front(self, name: str, port: int) -> int:
+        """The port clients reach a middleman on: ``port``, or a delaying proxy in front."""
+        if self.link_delay_ms is None or self.proxies is None:
+            return port
+        front = self.proxies.add(name, "127.0.0.1", port)
+        self.proxies.delay(name, self.link_delay_ms)
+        return front
 
 
 # ---------------------------------------------------------------------- statistics
@@ -198,6 +221,19 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
+def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """Per-round ratios ``a[i] / b[i]`` (contenders of a round ran back to back): their
+    median and spread."""
+    values = [ratio(x, y) for x, y in zip(a, b, strict=True)]
+    finite = [v for v in values if v == v]
+    return {
+        "median": rnd(median(finite)),
+        "min": rnd(min(finite)) if finite else float("nan"),
+        "max": rnd(max(finite)) if finite else float("nan"),
+        "rounds": [rnd(v) for v in values],
+    }
+
+
 def rnd(value: float, digits: int = 3) -> float:
     """Round for the JSON file (keeps it readable)."""
     return round(value, digits) if value == value else value
@@ -213,6 +249,7 @@ class LoadResult:
     ok: int = 0
     errors: int = 0
     elapsed: float = 0.0
+    busy_s: float = 0.0  # time spent inside operations (successful or not), all workers
     latencies_us: list[float] = field(default_factory=list)
     error_types: collections.Counter[str] = field(default_factory=collections.Counter)
     # Seconds from the start of the load at which each failure happened.
@@ -269,6 +306,7 @@ async def run_load(
                 try:
                     await op(rng, index)
                 except Exception as exc:
+                    result.busy_s += clock() - began
                     result.errors += 1
                     errors[type(exc).__name__] += 1
                     result.error_times.append(clock() - start)
@@ -276,7 +314,9 @@ async def run_load(
                     # failure loop cannot starve the other workers of the event loop.
                     await asyncio.sleep(0)
                     continue
-                latencies.append((clock() - began) * 1e6)
+                took = clock() - began
+                result.busy_s += took
+                latencies.append(took * 1e6)
 
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
     result.elapsed = clock() - start
@@ -301,6 +341,109 @@ def rotated(names: Sequence[str], round_index: int) -> list[str]:
     """The contenders' order in round ``round_index``: rotated by one each round."""
     shift = round_index % len(names)
     return list(names[shift:]) + list(names[:shift])
+
+
+# ---------------------------------------------------------------------- where the time goes
+
+#: Cumulative seconds in ``mgr.timings()``, in the order they are reported.
+TIMING_SECONDS = ("slot_wait_s", "catch_up_s", "query_s", "write_s", "write_position_s")
+TIMING_COUNTS = ("reads", "writes")
+
+
+def library_timings(mgr: Any) -> dict[str, float] | None:
+    """``mgr.timings()`` (cumulative seconds and counts), or None when the library has none."""
+    get = getattr(mgr, "timings", None)
+    if not callable(get):
+        return None
+    try:
+        data = get()
+    except Exception:
+        return None
+    if not isinstance(data, Mapping):
+        return None
+    return {str(k): float(v) for k, v in data.items() if isinstance(v, (int, float))}
+
+
+class Calls:
+    """Client-side time per kind of call (``write``, ``read``...): what a benchmark sees."""
+
+    def __init__(self) -> None:
+        self.seconds: collections.Counter[str] = collections.Counter()
+        self.count: collections.Counter[str] = collections.Counter()
+
+    def add(self, kind: str, seconds: float) -> None:
+        self.seconds[kind] += seconds
+        self.count[kind] += 1
+
+    def snapshot(self) -> tuple[dict[str, float], dict[str, int]]:
+        return dict(self.seconds), dict(self.count)
+
+
+@dataclass
+class TimeSplit:
+    """Where the request time of one contender's load went, summed over its rounds.
+
+    ``library``: the deltas of ``mgr.timings()`` over the measured loads (None when the
+    library has no ``timings()`` or for a contender that is not areplica); ``calls``: the
+    benchmark's own timing of each kind of call inside a request.
+    """
+
+    request_s: float = 0.0
+    requests: int = 0
+    library: dict[str, float] | None = field(default_factory=dict)
+    call_s: collections.Counter[str] = field(default_factory=collections.Counter)
+    call_n: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def add(
+        self,
+        load: LoadResult,
+        before: dict[str, float] | None,
+        after: dict[str, float] | None,
+        calls_before: tuple[dict[str, float], dict[str, int]] | None = None,
+        calls_after: tuple[dict[str, float], dict[str, int]] | None = None,
+    ) -> None:
+        self.request_s += load.busy_s
+        self.requests += load.ok + load.errors
+        if before is None or after is None or self.library is None:
+            self.library = None
+        else:
+            for key, value in after.items():
+                self.library[key] = self.library.get(key, 0.0) + value - before.get(key, 0.0)
+        if calls_before is not None and calls_after is not None:
+            for kind, value in calls_after[0].items():
+                self.call_s[kind] += value - calls_before[0].get(kind, 0.0)
+            for kind, n in calls_after[1].items():
+                self.call_n[kind] += n - calls_before[1].get(kind, 0)
+
+    def summary(self) -> dict[str, Any]:
+        total = self.request_s
+        out: dict[str, Any] = {
+            "request_s": rnd(total),
+            "requests": self.requests,
+            "mean_request_us": rnd(ratio(total, self.requests) * 1e6, 1),
+            "library": None,
+        }
+        if self.library is not None:
+            seconds = {k: self.library.get(k, 0.0) for k in TIMING_SECONDS}
+            shares = {k[: -len("_s")]: rnd(ratio(v, total), 4) for k, v in seconds.items()}
+            shares["other"] = rnd(1.0 - ratio(sum(seconds.values()), total), 4)
+            out["library"] = {
+                "shares": shares,
+                "per_request_us": {
+                    k[: -len("_s")]: rnd(ratio(v, self.requests) * 1e6, 1)
+                    for k, v in seconds.items()
+                },
+                "counts": {k: int(self.library.get(k, 0)) for k in TIMING_COUNTS},
+            }
+        out["calls"] = {
+            kind: {
+                "share": rnd(ratio(self.call_s[kind], total), 4),
+                "mean_us": rnd(ratio(self.call_s[kind], self.call_n[kind]) * 1e6, 1),
+                "count": self.call_n[kind],
+            }
+            for kind in sorted(self.call_s)
+        }
+        return out
 
 
 # ---------------------------------------------------------------------- schema and models

@@ -42,6 +42,37 @@ def _secs(values: Any) -> str:
     return " / ".join(_num(v, 2) for v in values)
 
 
+def _spread(p: Any) -> str:
+    """A per-round ratio: its median and its spread, e.g. ``0.95x (0.90x..1.02x)``."""
+    if not isinstance(p, dict):
+        return "n/a"
+    return f"{_x(p.get('median'))} ({_x(p.get('min'))}..{_x(p.get('max'))})"
+
+
+def _le(p: Any, limit: float) -> bool | None:
+    value = p.get("median") if isinstance(p, dict) else None
+    return None if not isinstance(value, (int, float)) or math.isnan(value) else value <= limit
+
+
+def _ge(p: Any, limit: float) -> bool | None:
+    value = p.get("median") if isinstance(p, dict) else None
+    return None if not isinstance(value, (int, float)) or math.isnan(value) else value >= limit
+
+
+def _link_label(d: dict[str, Any]) -> str:
+    link = d.get("link")
+    return f", {_num(link.get('delay_ms_each_way'), 1)} ms link" if isinstance(link, dict) else ""
+
+
+def _bound_text(d: dict[str, Any]) -> str:
+    """How the causal p99 bound on a link is made, with the link's figures."""
+    link = d["link"]
+    return (
+        f"(eventual p99 + {_num(link['rtt_us']['added_by_link'])} µs link round trip + "
+        f"{_num(link['replication_us']['link']['median'])} µs replication) x 1.2"
+    )
+
+
 def _cell(text: str) -> str:
     """Text safe in a markdown table cell."""
     return str(text).replace("|", "\\|").replace("\n", " ")
@@ -79,7 +110,20 @@ def goals(results: dict[str, Any]) -> list[Row]:
                 }
             )
             return
-        build(data)
+        try:
+            build(data)
+        except (KeyError, TypeError, IndexError) as exc:
+            rows.append(
+                {
+                    "scenario": label,
+                    "contenders": "-",
+                    "medians": f"results in an older format ({type(exc).__name__}: {exc}): "
+                    "run the scenario again",
+                    "ratio": "-",
+                    "goal": "-",
+                    "met": None,
+                }
+            )
 
     def s1(d: dict[str, Any]) -> None:
         for driver, v in d["by_driver"].items():
@@ -154,10 +198,11 @@ def goals(results: dict[str, Any]) -> list[Row]:
             )
 
     def s3(d: dict[str, Any]) -> None:
+        where = _link_label(d)
         if "skipped" in d:
             rows.append(
                 {
-                    "scenario": "3. Pgpool-II peer",
+                    "scenario": f"3. Pgpool-II peer{where}",
                     "contenders": "areplica vs Pgpool-II",
                     "medians": f"skipped: {d['skipped'][:150]}",
                     "ratio": "-",
@@ -166,30 +211,47 @@ def goals(results: dict[str, Any]) -> list[Row]:
                 }
             )
             return
+        total = d["rounds"]
+        majority = total // 2 + 1
         for workload, w in d["workloads"].items():
             p = w["contenders"]["pgpool"]
             for name, a in w["contenders"].items():
                 if name == "pgpool":
                     continue
-                ok = a["throughput"] > p["throughput"] and a["p99_us"] < p["p99_us"]
-                label = "areplica" if name == "areplica" else "areplica eventual"
+                higher, lower = a["throughput_higher_rounds"], a["p99_lower_rounds"]
+                vs = a["vs_pgpool"]
+                label = "areplica (causal, default)" if name == "areplica" else "areplica eventual"
                 rows.append(
                     {
                         "scenario": f"3. vs Pgpool-II {d.get('pgpool_version') or ''}, "
                         f"{workload.replace('_', ' ').replace('90 10', '90/10')}"
-                        + ("" if name == "areplica" else " (eventual, like-for-like)"),
+                        + ("" if name == "areplica" else " (eventual, like-for-like)")
+                        + where,
                         "contenders": f"{label} vs Pgpool-II",
                         "medians": f"{_num(a['throughput'])} vs {_num(p['throughput'])} q/s; "
                         f"p50 {_num(a['p50_us'])} vs {_num(p['p50_us'])} µs; "
-                        f"p99 {_num(a['p99_us'])} vs {_num(p['p99_us'])} µs "
-                        f"(rounds with higher throughput {a.get('throughput_higher_rounds')}"
-                        f"/{d['rounds']}, with lower p99 {a.get('p99_lower_rounds')}"
-                        f"/{d['rounds']})",
-                        "ratio": f"{_x(_div(a['throughput'], p['throughput']))} tput, "
-                        f"{_x(_div(a['p99_us'], p['p99_us']))} p99",
-                        "goal": "higher throughput and lower p99",
-                        "met": ok,
-                        "value": _div(a["throughput"], p["throughput"]),
+                        f"p99 {_num(a['p99_us'])} vs {_num(p['p99_us'])} µs; "
+                        f"rounds with higher throughput {higher}/{total}, with lower p99 "
+                        f"{lower}/{total}",
+                        "ratio": f"tput {_spread(vs['throughput'])}; p99 {_spread(vs['p99'])}",
+                        "goal": f"higher throughput and lower p99 in >= {majority}/{total} rounds",
+                        "met": higher >= majority and lower >= majority,
+                        "value": vs["throughput"]["median"],
+                    }
+                )
+            cve = w.get("causal_vs_eventual")
+            if cve is not None and "p99_vs_link_bound" in cve:
+                c, e = w["contenders"]["areplica"], w["contenders"]["areplica (eventual)"]
+                rows.append(
+                    {
+                        "scenario": f"3. Causal p99 on the link, "
+                        f"{workload.replace('_', ' ').replace('90 10', '90/10')}{where}",
+                        "contenders": "areplica causal vs areplica eventual",
+                        "medians": f"p99 {_num(c['p99_us'])} vs {_num(e['p99_us'])} µs; bound "
+                        + _bound_text(d),
+                        "ratio": f"{_spread(cve['p99_vs_link_bound'])} of the bound",
+                        "goal": "<= 1x the bound",
+                        "met": _le(cve["p99_vs_link_bound"], 1.0),
                     }
                 )
 
@@ -212,36 +274,113 @@ def goals(results: dict[str, Any]) -> list[Row]:
         )
 
     def s5(d: dict[str, Any]) -> None:
+        where = _link_label(d)
+        on_link = "link" in d
+        default = d["default_mode"]
+        wait = d.get("default_causal_wait")
+        others = [m for m in d["modes"] if m not in ("eventual", default)]
+        c = d["contenders"]
         for driver, modes in d["by_driver"].items():
-            ev = d["contenders"][f"eventual/{driver}"]
-            ca = d["contenders"][f"causal/{driver}"]
-            cw = d["contenders"][f"causal+wait50ms/{driver}"]
-            value = modes["causal"]["write_throughput_vs_eventual"]
+            ev, ca = c[f"eventual/{driver}"], c[f"{default}/{driver}"]
+            m = modes[default]
+            tag = f"({driver}{where})"
+            causal = f"causal (default, causal_wait={_num(wait, 2)} s)"
+
+            def alias(mode: str, driver: str = driver) -> str:
+                same = c[f"{mode}/{driver}"].get("same_as")
+                return f" = {same.split('/')[0]}" if same else ""
+
             rows.append(
                 {
-                    "scenario": f"5. Consistency cost, write throughput ({driver})",
-                    "contenders": "causal (wait 0 / wait 50 ms) vs eventual",
-                    "medians": f"{_num(ca['write_throughput'])} / "
-                    f"{_num(cw['write_throughput'])} vs "
-                    f"{_num(ev['write_throughput'])} writes/s",
-                    "ratio": f"{_x(value)} / "
-                    f"{_x(modes['causal+wait50ms']['write_throughput_vs_eventual'])}",
-                    "goal": ">= 0.85x",
-                    "met": value >= 0.85,
-                    "value": value,
+                    "scenario": f"5. Causal write throughput vs eventual {tag}",
+                    "contenders": f"{causal} vs eventual; also "
+                    + ", ".join(f"{o}{alias(o)}" for o in others),
+                    "medians": f"{_num(ca['write_throughput'])} vs "
+                    f"{_num(ev['write_throughput'])} writes/s; "
+                    + "; ".join(
+                        f"{o} {_num(c[f'{o}/{driver}']['write_throughput'])}" for o in others
+                    ),
+                    "ratio": f"{_spread(m['write_throughput_vs_eventual'])}; "
+                    + "; ".join(
+                        f"{o} {_x(modes[o]['write_throughput_vs_eventual']['median'])}"
+                        for o in others
+                    ),
+                    "goal": ">= 0.95x",
+                    "met": _ge(m["write_throughput_vs_eventual"], 0.95),
+                    "value": m["write_throughput_vs_eventual"]["median"],
                 }
             )
             rows.append(
                 {
-                    "scenario": f"5. Reads on replicas, 30% write-then-read ({driver})",
-                    "contenders": "eventual / causal wait 0 / causal wait 50 ms",
-                    "medians": f"{_pct(ev['replica_read_share'])} / "
-                    f"{_pct(ca['replica_read_share'])} / {_pct(cw['replica_read_share'])}; "
-                    f"stale {_pct(ev['stale_read_share'])} / "
-                    f"{_pct(ca['stale_read_share'])} / {_pct(cw['stale_read_share'])}",
+                    "scenario": f"5. Causal mixed throughput vs eventual, 30% write-then-read "
+                    f"{tag}",
+                    "contenders": f"{causal} vs eventual",
+                    "medians": f"{_num(ca['mixed_throughput'])} vs "
+                    f"{_num(ev['mixed_throughput'])} req/s",
+                    "ratio": _spread(m["mixed_throughput_vs_eventual"]),
+                    "goal": ">= 0.9x",
+                    "met": _ge(m["mixed_throughput_vs_eventual"], 0.9),
+                    "value": m["mixed_throughput_vs_eventual"]["median"],
+                }
+            )
+            if on_link:
+                rows.append(
+                    {
+                        "scenario": f"5. Causal mixed p99 on the link {tag}",
+                        "contenders": f"{causal} vs eventual",
+                        "medians": f"p99 {_num(ca['mixed_p99_us'])} vs "
+                        f"{_num(ev['mixed_p99_us'])} µs; bound " + _bound_text(d),
+                        "ratio": f"{_spread(m['mixed_p99_vs_link_bound'])} of the bound; "
+                        f"{_spread(m['mixed_p99_vs_eventual'])} of eventual",
+                        "goal": "<= 1x the bound",
+                        "met": _le(m["mixed_p99_vs_link_bound"], 1.0),
+                    }
+                )
+            else:
+                rows.append(
+                    {
+                        "scenario": f"5. Causal mixed p99 vs eventual {tag}",
+                        "contenders": f"{causal} vs eventual",
+                        "medians": f"{_num(ca['mixed_p99_us'])} vs {_num(ev['mixed_p99_us'])} µs",
+                        "ratio": _spread(m["mixed_p99_vs_eventual"]),
+                        "goal": "<= 1.25x",
+                        "met": _le(m["mixed_p99_vs_eventual"], 1.25),
+                    }
+                )
+            share = ca["replica_read_share"]
+            rows.append(
+                {
+                    "scenario": f"5. Reads on replicas, causal default {tag}",
+                    "contenders": f"{causal}; eventual; "
+                    + ", ".join(f"{o}{alias(o)}" for o in others),
+                    "medians": f"{_pct(share)} (lowest round {_pct(ca['replica_read_share_min'])})"
+                    f"; eventual {_pct(ev['replica_read_share'])}; "
+                    + "; ".join(
+                        f"{o} {_pct(c[f'{o}/{driver}']['replica_read_share'])}" for o in others
+                    ),
                     "ratio": "-",
-                    "goal": "(reported)",
-                    "met": None,
+                    "goal": ">= 95%" if not on_link else "(reported)",
+                    "met": (share >= 0.95) if not on_link else None,
+                    "value": share,
+                }
+            )
+            stale = {
+                mode: c[f"{mode}/{driver}"]["totals"]["stale"]
+                for mode in d["modes"]
+                if not c[f"{mode}/{driver}"].get("same_as")
+            }
+            checked = sum(
+                c[f"{mode}/{driver}"]["totals"].get("writes_read_back", 0) for mode in stale
+            )
+            rows.append(
+                {
+                    "scenario": f"5. Stale read-after-write {tag}",
+                    "contenders": "causal modes (eventual for comparison)",
+                    "medians": ", ".join(f"{mode} {n}" for mode, n in stale.items())
+                    + f" stale of {checked:,} writes read back",
+                    "ratio": "-",
+                    "goal": "0 in causal modes",
+                    "met": all(n == 0 for mode, n in stale.items() if mode != "eventual"),
                 }
             )
 
@@ -333,10 +472,15 @@ def goals(results: dict[str, Any]) -> list[Row]:
     guarded("1_overhead", "1. Routing overhead", s1)
     guarded("2_scaling", "2. Read scaling", s2)
     guarded("3_pgpool", "3. Pgpool-II peer", s3)
+    guarded("3_pgpool_link", "3. Pgpool-II peer, link", s3)
     guarded("4_faults", "4. Faults", s4)
     guarded("5_consistency", "5. Consistency cost", s5)
+    guarded("5_consistency_link", "5. Consistency cost, link", s5)
     if _scenario(results, "1_overhead") or _scenario(results, "5_consistency"):
-        s6({})
+        try:
+            s6({})
+        except (KeyError, TypeError, IndexError):
+            pass  # older results of scenario 1 or 5: their own rows say so
     guarded("7_haproxy", "7. HAProxy + Patroni peer", s7)
     return rows
 
@@ -492,50 +636,8 @@ def _details(results: dict[str, Any]) -> list[str]:
                 for n, c in d["contenders"].items()
             ],
         )
-    d = _scenario(results, "3_pgpool")
-    if d is not None:
-        lines += ["", "## 3. Pgpool-II peer", ""]
-        if "skipped" in d:
-            lines.append(f"Skipped: {d['skipped']}")
-        else:
-            lines += [
-                f"Pgpool-II {d.get('pgpool_version')} (streaming replication, statement-level "
-                "load balancing, primary weight 0) vs areplica straight to the nodes; "
-                f"pool {d['pool_size']} on both sides, {d['concurrency']} tasks, "
-                f"{d['seconds_per_round']} s x {d['rounds']} rounds, driver {d['driver']}.",
-                "",
-            ]
-            rows = []
-            for workload, w in d["workloads"].items():
-                for name, c in w["contenders"].items():
-                    served = (
-                        w["pgpool_select_counts"]
-                        if name == "pgpool"
-                        else w["areplica_reads_served"].get(name)
-                    )
-                    rows.append(
-                        [
-                            workload,
-                            name,
-                            _num(c["throughput"]),
-                            _num(c["p50_us"]),
-                            _num(c["p99_us"]),
-                            str(c["errors"]),
-                            str(served),
-                        ]
-                    )
-            lines += _table(
-                [
-                    "Workload",
-                    "Contender",
-                    "Throughput (q/s)",
-                    "p50 (µs)",
-                    "p99 (µs)",
-                    "Errors",
-                    "Reads per node (pgpool: `show pool_nodes` select_cnt)",
-                ],
-                rows,
-            )
+    for key in ("3_pgpool", "3_pgpool_link"):
+        lines += _details_s3(results, key)
     d = _scenario(results, "4_faults")
     if d is not None:
         lines += [
@@ -581,46 +683,272 @@ def _details(results: dict[str, Any]) -> list[str]:
             ],
             rows,
         )
-    d = _scenario(results, "5_consistency")
-    if d is not None:
-        lines += [
-            "",
-            "## 5. Consistency cost (and 6. drivers)",
-            "",
-            f"2 replicas, pool {d['pool_size']} per node, {d['concurrency']} tasks; writes: "
-            f"{d['write_seconds_per_round']} s, mixed ({int(100 * d['write_share'])}% "
-            f"write-then-read, each task in its own session): {d['mixed_seconds_per_round']} s; "
-            f"{d['rounds']} rounds.",
-            "",
-        ]
-        lines += _table(
-            [
-                "Contender",
-                "Writes/s",
-                "Mixed req/s",
-                "Mixed p99 (µs)",
-                "Reads on replicas",
-                "Stale read-after-write",
-                "Errors",
-            ],
-            [
-                [
-                    n,
-                    _num(c["write_throughput"]),
-                    _num(c["mixed_throughput"]),
-                    _num(c["mixed_p99_us"]),
-                    _pct(c["replica_read_share"]),
-                    _pct(c["stale_read_share"]),
-                    str(c["errors"]),
-                ]
-                for n, c in d["contenders"].items()
-            ],
-        )
+    for key in ("5_consistency", "5_consistency_link"):
+        lines += _details_s5(results, key)
     lines += _details_s7(results)
     notes = _notes(results)
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return lines
+
+
+def _safe(build: Callable[[], list[str]], title: str) -> list[str]:
+    """A details section, or a line saying its results are in an older format."""
+    try:
+        return build()
+    except (KeyError, TypeError, IndexError) as exc:
+        return ["", f"## {title}", "", f"Results in an older format ({exc!r}): run it again."]
+
+
+def _details_s3(results: dict[str, Any], key: str) -> list[str]:
+    d = _scenario(results, key)
+    if d is None:
+        return []
+    title = f"3. Pgpool-II peer{_link_label(d)}"
+
+    def build() -> list[str]:
+        lines = ["", f"## {title}", ""]
+        if "skipped" in d:
+            return [*lines, f"Skipped: {d['skipped']}"]
+        lines += [
+            f"Pgpool-II {d.get('pgpool_version')} (streaming replication, statement-level "
+            "load balancing, primary weight 0) vs areplica straight to the nodes; "
+            f"pool {d['pool_size']} on both sides, {d['concurrency']} tasks, "
+            f"{d['seconds_per_round']} s x {d['rounds']} rounds, driver {d['driver']}; "
+            f"areplica's default causal_wait {_num(d.get('default_causal_wait'), 2)} s."
+            + (
+                " On the link, clients reach Pgpool-II through a delaying proxy and Pgpool-II "
+                "reaches each backend through one: a query through Pgpool-II crosses two links."
+                if "link" in d
+                else ""
+            ),
+            "",
+        ]
+        rows = []
+        for workload, w in d["workloads"].items():
+            for name, c in w["contenders"].items():
+                served = (
+                    w["pgpool_select_counts"]
+                    if name == "pgpool"
+                    else w["areplica_reads_served"].get(name)
+                )
+                vs = c.get("vs_pgpool")
+                rows.append(
+                    [
+                        workload,
+                        name,
+                        _num(c["throughput"]),
+                        _num(c["p50_us"]),
+                        _num(c["p99_us"]),
+                        _spread(vs["throughput"]) if vs else "-",
+                        _spread(vs["p99"]) if vs else "-",
+                        str(c["errors"]),
+                        str(served),
+                    ]
+                )
+        lines += _table(
+            [
+                "Workload",
+                "Contender",
+                "Throughput (q/s)",
+                "p50 (µs)",
+                "p99 (µs)",
+                "Throughput / Pgpool-II per round",
+                "p99 / Pgpool-II per round",
+                "Errors",
+                "Reads per node (pgpool: `show pool_nodes` select_cnt)",
+            ],
+            rows,
+        )
+        splits = [
+            (f"{workload}: {name}", c["time_split"])
+            for workload, w in d["workloads"].items()
+            for name, c in w["contenders"].items()
+        ]
+        lines += _split_table(splits)
+        lines += _link_table(d)
+        return lines
+
+    return _safe(build, title)
+
+
+def _details_s5(results: dict[str, Any], key: str) -> list[str]:
+    d = _scenario(results, key)
+    if d is None:
+        return []
+    title = f"5. Consistency cost (and 6. drivers){_link_label(d)}"
+
+    def build() -> list[str]:
+        same = d.get("same_as") or {}
+        lines = [
+            "",
+            f"## {title}",
+            "",
+            f"2 replicas, pool {d['pool_size']} per node, {d['concurrency']} tasks; writes: "
+            f"{d['write_seconds_per_round']} s, mixed ({int(100 * d['write_share'])}% "
+            f"write-then-read, each task in its own session): {d['mixed_seconds_per_round']} s; "
+            f"{d['rounds']} rounds. `{d['default_mode']}` is causal with the default "
+            f"causal_wait ({_num(d.get('default_causal_wait'), 2)} s)"
+            + (
+                "; "
+                + ", ".join(f"`{m}` has the same options, so it is not run again" for m in same)
+                if same
+                else ""
+            )
+            + ". Ratios: per round against eventual with the same driver, median (min..max).",
+            "",
+        ]
+        c = d["contenders"]
+        rows = []
+        for name, v in c.items():
+            mode, driver = name.split("/")
+            ratios = d["by_driver"][driver].get(mode, {})
+            rows.append(
+                [
+                    name + (f" (= {v['same_as']})" if v.get("same_as") else ""),
+                    _num(v["write_throughput"]),
+                    _spread(ratios.get("write_throughput_vs_eventual")) if ratios else "-",
+                    _num(v["mixed_throughput"]),
+                    _spread(ratios.get("mixed_throughput_vs_eventual")) if ratios else "-",
+                    _num(v["mixed_p99_us"]),
+                    _spread(ratios.get("mixed_p99_vs_eventual")) if ratios else "-",
+                    _pct(v["replica_read_share"]),
+                    f"{v['totals']['stale']} / {v['totals'].get('writes_read_back', 'n/a')}",
+                    str(v["errors"]),
+                ]
+            )
+        lines += _table(
+            [
+                "Contender",
+                "Writes/s",
+                "vs eventual",
+                "Mixed req/s",
+                "vs eventual",
+                "Mixed p99 (µs)",
+                "vs eventual",
+                "Reads on replicas",
+                "Stale / writes read back",
+                "Errors",
+            ],
+            rows,
+        )
+        splits = [
+            (f"{name} {kind}", v["time_split"][kind])
+            for name, v in c.items()
+            if not v.get("same_as")
+            for kind in ("write", "mixed")
+        ]
+        lines += _split_table(splits)
+        lines += _link_table(d)
+        return lines
+
+    return _safe(build, title)
+
+
+_SPLIT_KEYS = ("slot_wait", "catch_up", "query", "write", "write_position", "other")
+_CALL_KEYS = ("write", "read_after_write", "read")
+
+
+def _split_table(splits: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Where the time goes: ``mgr.timings()`` shares of the request time, and call times."""
+    if not splits:
+        return []
+    available = any(split.get("library") for _, split in splits)
+    lines = [
+        "",
+        "Where the time goes: shares of the time spent inside requests (all tasks, all "
+        "rounds), from the library's `mgr.timings()`: waiting for a connection slot, for a "
+        "replica to catch up (position), running reads, running writes, reading a write's "
+        "WAL position; `other` is the rest (the client's own work, the event loop). Then "
+        "the benchmark's own timing of each kind of call: mean µs (share of request time)."
+        + (
+            ""
+            if available
+            else " This library has no `mgr.timings()`: only the benchmark's call timings."
+        ),
+        "",
+    ]
+    rows = []
+    for label, split in splits:
+        lib = split.get("library")
+        shares = [_pct(lib["shares"].get(k)) if lib else "n/a" for k in _SPLIT_KEYS]
+        calls = split.get("calls", {})
+        rows.append(
+            [
+                label,
+                _num(split.get("mean_request_us")),
+                *shares,
+                *(
+                    f"{_num(calls[k]['mean_us'])} ({_pct(calls[k]['share'])})"
+                    if k in calls
+                    else "-"
+                    for k in _CALL_KEYS
+                ),
+            ]
+        )
+    return lines + _table(
+        [
+            "Contender, load",
+            "Mean request (µs)",
+            "Slot wait",
+            "Catch-up",
+            "Query",
+            "Write",
+            "Write position",
+            "Other",
+            "Write calls",
+            "Read after own write",
+            "Other reads",
+        ],
+        rows,
+    )
+
+
+def _link_table(d: dict[str, Any]) -> list[str]:
+    """What the link of this scenario's run measured (none: nothing)."""
+    link = d.get("link")
+    if not isinstance(link, dict):
+        return []
+    rtt, tput, rep = link["rtt_us"], link["throughput_qps"], link["replication_us"]
+    return [
+        "",
+        f"The link: a proxy (in a process of its own) adding {_num(link['delay_ms_each_way'], 2)} "
+        f"ms each way on every hop: {'; '.join(link['hops'])}. Measured on "
+        f"{link['measured_on']} before the scenarios:",
+        "",
+        *_table(
+            [
+                "Path",
+                "SELECT 1 round trip p50 (µs)",
+                "p90 (µs)",
+                f"{tput['concurrency']} tasks (q/s)",
+            ],
+            [
+                [
+                    label,
+                    _num(rtt[path]),
+                    _num(rtt["p90"][path]),
+                    _num(tput[path]),
+                ]
+                for path, label in (
+                    ("direct", "direct"),
+                    ("proxy_no_delay", "proxy, no delay"),
+                    ("link", "link"),
+                )
+            ],
+        ),
+        "",
+        f"The proxy itself adds {_num(rtt['added_by_proxy'])} µs per round trip and keeps "
+        f"{_x(tput['proxy_vs_direct'])} of the direct throughput; the link adds "
+        f"{_num(rtt['added_by_link'])} µs per round trip (nominal "
+        f"{_num(link['nominal_rtt_added_us'])}). Through the link {tput['concurrency']} tasks "
+        f"could at most do {_num(tput['link_bound'])} q/s (one query per round trip each): "
+        f"connections are not serialized if the figure above comes near it or the client's "
+        "own ceiling (direct). Replication (a commit on the primary until a standby replayed "
+        f"it): {_num(rep['proxy_no_delay']['median'])} µs through the replication proxy "
+        f"without delay, {_num(rep['link']['median'])} µs through the link (p90 "
+        f"{_num(rep['link']['p90'])}), +{_num(rep['added_by_link'])} µs.",
+    ]
 
 
 def _details_s7(results: dict[str, Any]) -> list[str]:
@@ -763,23 +1091,22 @@ def _notes(results: dict[str, Any]) -> list[str]:
             f"baseline, {_pct(two['speedup'] / 2.0)} of the 2x ceiling when reads stay off "
             "the primary; with primary_weight=1 the primary serves reads too (3 nodes)."
         )
-    d = _scenario(results, "3_pgpool")
-    if d is not None and "workloads" in d:
-        balanced = all(w.get("pgpool_balanced") for w in d["workloads"].values())
+    for key in ("3_pgpool", "3_pgpool_link"):
+        d = _scenario(results, key)
+        if d is not None and "workloads" in d:
+            balanced = all(w.get("pgpool_balanced") for w in d["workloads"].values())
+            notes.append(
+                f"Scenario 3{_link_label(d)}: Pgpool-II "
+                + ("did" if balanced else "did NOT")
+                + " spread reads over both standbys (`show pool_nodes` select counts in the "
+                "table); the primary got no balanced reads (weight 0)."
+            )
+    if _scenario(results, "5_consistency") or _scenario(results, "5_consistency_link"):
         notes.append(
-            "Scenario 3: Pgpool-II "
-            + ("did" if balanced else "did NOT")
-            + " spread reads over both standbys (`show pool_nodes` select counts in the "
-            "table); the primary got no balanced reads (weight 0)."
-        )
-    d = _scenario(results, "5_consistency")
-    if d is not None:
-        notes.append(
-            "Scenario 5: in causal mode a read after the session's write needs a replica "
-            "whose known replay position covers the write. Positions are refreshed by the "
-            "health probe (every `health_interval`) and, with `causal_wait` > 0, by polling "
-            "the replicas for the waiting read; with `causal_wait=0` such reads go to the "
-            "primary instead, which is why so few of them reach a replica."
+            "Scenario 5: in causal mode a read after the session's own write needs a replica "
+            "that has replayed the write; it waits up to `causal_wait` for one, then reads the "
+            "primary. With `causal_wait=0` it goes to the primary at once unless a replica is "
+            "already known to have replayed it."
         )
     d = _scenario(results, "7_haproxy")
     if d is not None and "switchover" in d:

@@ -71,7 +71,7 @@ from .processes import (
 )
 from .processes import alive as _alive  # also the name older callers import
 from .processes import free_port as _free_port  # looked up here, so that tests can replace it
-from .proxy import ProxyThread
+from .proxy import ProxyProcess, ProxyThread
 
 __all__ = [
     "LocalTopology",
@@ -388,6 +388,14 @@ class LocalTopology(TopologyLifecycle):
     :meth:`cut` and :meth:`heal` inject network faults. :meth:`direct_dsn` always reaches
     the server itself.
 
+    ``replication_proxies=True`` makes each replica created at start stream from the primary
+    through a proxy of its own, so that :meth:`delay` (and the other faults) with
+    ``replication=True`` act on replication alone; :meth:`replication_proxy_port` is its
+    port. Standbys that :meth:`add_replica`, :meth:`rebuild` or :meth:`rewind` configure
+    later stream directly. ``proxy_process=True`` runs the proxies in a child process
+    (:class:`~areplica.testing.proxy.ProxyProcess`) instead of a thread of this one, so
+    that forwarding shares no interpreter lock with the code under test (benchmarks).
+
     ``rewindable=True`` runs every server with ``wal_log_hints = on`` and
     ``full_page_writes = on`` (off otherwise, for speed), which :meth:`rewind` needs from
     before the histories diverge; it also lets base backups be taken from a standby.
@@ -406,6 +414,8 @@ class LocalTopology(TopologyLifecycle):
         dbname: str = "postgres",
         password: str | None = None,
         rewindable: bool = False,
+        replication_proxies: bool = False,
+        proxy_process: bool = False,
     ) -> None:
         if replicas < 0:
             raise ValueError("replicas must be >= 0")
@@ -416,12 +426,15 @@ class LocalTopology(TopologyLifecycle):
         self.dbname = dbname
         self.proxies = proxies
         self.rewindable = rewindable
+        self.replication_proxies = replication_proxies
+        self.proxy_process = proxy_process
         self._pg_bin = pg_bin
         self._password = password
         self._names = [PRIMARY] + [f"replica-{i}" for i in range(1, replicas + 1)]
         self._source = PRIMARY  # the node replicas follow (changes on promote())
         self._nodes: dict[str, _Node] = {}
-        self._proxies: ProxyThread | None = None
+        self._proxies: ProxyThread | ProxyProcess | None = None
+        self._replication_ports: dict[str, int] = {}  # standby -> its replication proxy
         self._owner = ProcessOwner("LocalTopology")
         self._finalizer = weakref.finalize(self, self._owner.close)
         self._started = False
@@ -490,6 +503,8 @@ class LocalTopology(TopologyLifecycle):
             if self.pg_version < 12:
                 raise SetupError(f"PostgreSQL {self.pg_version} is too old (12 or newer needed)")
             self._start_primary()
+            if self.replication_proxies:
+                self._start_replication_proxies()
             if self.replicas:
                 with ThreadPoolExecutor(max_workers=min(self.replicas, 4)) as pool:
                     list(pool.map(self._start_replica, self._names[1:]))
@@ -559,12 +574,27 @@ class LocalTopology(TopologyLifecycle):
         self._nodes[name] = node
         return node
 
+    def _proxy_runner(self) -> ProxyThread | ProxyProcess:
+        """The thread (or child process) running this topology's proxies, started once."""
+        if self._proxies is None:
+            proxies = self._proxies = ProxyProcess() if self.proxy_process else ProxyThread()
+            self._owner.on_close(proxies.close)
+            proxies.start()
+        return self._proxies
+
     def _start_proxies(self) -> None:
-        proxies = self._proxies = ProxyThread()
-        self._owner.on_close(proxies.close)
-        proxies.start()
+        proxies = self._proxy_runner()
         for node in self._nodes.values():
             node.proxy_port = proxies.add(node.name, HOST, node.port)
+
+    def _start_replication_proxies(self) -> None:
+        """A proxy towards the primary for each replica to come (their conninfo names it)."""
+        proxies = self._proxy_runner()
+        primary = self._nodes[PRIMARY]
+        for name in self._names[1:]:
+            self._replication_ports[name] = proxies.add(
+                _replication_proxy(name), HOST, primary.port
+            )
 
     def _settings(self) -> dict[str, str]:
         settings = {
@@ -651,6 +681,14 @@ class LocalTopology(TopologyLifecycle):
         node.upstream = PRIMARY
         node.slot = _slot_name(name)
         self._base_backup(node, self._nodes[PRIMARY], "-R", "-S", node.slot)
+        if name in self._replication_ports:
+            conninfo = make_dsn(
+                host=HOST,
+                port=self._replication_ports[name],
+                user=self.user,
+                password=self._password,
+            )
+            _set_auto_conf(node.data, {"primary_conninfo": str(conninfo)}, self._account)
         self._pg_ctl_start(node, first=True)
 
     def _base_backup(self, node: _Node, source: _Node, *options: str) -> None:
@@ -791,6 +829,11 @@ class LocalTopology(TopologyLifecycle):
     def proxy_port(self, node: str) -> int | None:
         """The port of ``node``'s proxy (None without proxies)."""
         return self._node(node).proxy_port
+
+    def replication_proxy_port(self, node: str) -> int | None:
+        """The port of the proxy standby ``node`` streams through (None: it streams directly)."""
+        self._node(node)
+        return self._replication_ports.get(node)
 
     def data_dir(self, node: str) -> Path:
         """``node``'s data directory."""
@@ -950,7 +993,7 @@ class LocalTopology(TopologyLifecycle):
         node = self._new_node(name)
         self._names.append(name)
         self._clone(node, source, first=True)
-        if self._proxies is not None:
+        if self.proxies and self._proxies is not None:
             node.proxy_port = self._proxies.add(name, HOST, node.port)
         return name
 
@@ -1068,6 +1111,7 @@ class LocalTopology(TopologyLifecycle):
     def _follow(self, node: _Node, upstream: _Node, first: bool) -> None:
         """Configure ``node`` as a standby of ``upstream``, start it, wait until it streams."""
         conninfo = make_dsn(host=HOST, port=upstream.port, user=self.user, password=self._password)
+        self._replication_ports.pop(node.name, None)  # streams directly from now on
         _set_auto_conf(
             node.data,
             {"primary_conninfo": str(conninfo), "primary_slot_name": node.slot or ""},
@@ -1123,33 +1167,51 @@ class LocalTopology(TopologyLifecycle):
 
     # ---------------------------------------------------------------- proxy faults
 
-    def _proxy(self) -> ProxyThread:
+    def _proxy(self) -> ProxyThread | ProxyProcess:
         if self._proxies is None:
             raise RuntimeError("no proxies: create the topology with proxies=True")
         return self._proxies
 
-    def delay(self, node: str, ms: float) -> None:
-        """Add ``ms`` milliseconds to every chunk crossing ``node``'s proxy, both ways."""
-        self._node(node)
-        self._proxy().delay(node, ms)
+    def _proxy_name(self, node: str, replication: bool) -> str:
+        """The name of ``node``'s client proxy, or of the proxy it streams through."""
+        n = self._node(node)
+        if not replication:
+            if n.proxy_port is None:
+                raise RuntimeError("no proxies: create the topology with proxies=True")
+            return node
+        if node not in self._replication_ports:
+            raise RuntimeError(
+                f"{node} does not stream through a proxy: create the topology with "
+                "replication_proxies=True (standbys configured later stream directly)"
+            )
+        return _replication_proxy(node)
 
-    def blackhole(self, node: str) -> None:
+    def delay(self, node: str, ms: float, *, replication: bool = False) -> None:
+        """Add ``ms`` milliseconds to every chunk crossing ``node``'s proxy, both ways.
+
+        ``replication=True``: the proxy standby ``node`` streams through instead.
+        """
+        self._proxy().delay(self._proxy_name(node, replication), ms)
+
+    def blackhole(self, node: str, *, replication: bool = False) -> None:
         """``node``'s proxy accepts and keeps connections but forwards nothing (until heal)."""
-        self._node(node)
-        self._proxy().blackhole(node)
+        self._proxy().blackhole(self._proxy_name(node, replication))
 
-    def cut(self, node: str) -> None:
+    def cut(self, node: str, *, replication: bool = False) -> None:
         """Reset every connection through ``node``'s proxy now; new ones work as usual."""
-        self._node(node)
-        self._proxy().cut(node)
+        self._proxy().cut(self._proxy_name(node, replication))
 
-    def heal(self, node: str) -> None:
+    def heal(self, node: str, *, replication: bool = False) -> None:
         """``node``'s proxy forwards normally again (no delay, no blackhole)."""
-        self._node(node)
-        self._proxy().heal(node)
+        self._proxy().heal(self._proxy_name(node, replication))
 
 
 _RECEIVER_SQL = "SELECT status, sender_port, received_tli FROM pg_stat_wal_receiver"
+
+
+def _replication_proxy(node: str) -> str:
+    """The name of the proxy standby ``node`` streams through."""
+    return f"{node}/replication"
 
 
 def _set_auto_conf(data: Path, settings: Mapping[str, str], account: ServiceAccount) -> None:
