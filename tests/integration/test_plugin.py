@@ -116,15 +116,13 @@ async def test_plugin_fixtures(
     [
         'asyncio_mode = "strict"\nasyncio_default_fixture_loop_scope = "function"\n',
         'asyncio_mode = "auto"\nasyncio_default_fixture_loop_scope = "function"\n',
-        'asyncio_mode = "strict"\nasyncio_default_fixture_loop_scope = "session"\n'
-        'asyncio_default_test_loop_scope = "session"\n',
         # Fixtures default to a loop per function, tests to the session's: the manager must
         # follow the tests (a manager made in another loop fails "attached to a different
         # loop").
         'asyncio_mode = "auto"\nasyncio_default_fixture_loop_scope = "function"\n'
         'asyncio_default_test_loop_scope = "session"\n',
     ],
-    ids=["strict", "auto", "strict-session-loop", "auto-session-tests"],
+    ids=["strict", "auto", "auto-session-tests"],
 )
 def test_a_user_project(tmp_path: Path, ini: str) -> None:
     result = run_user_project(tmp_path, ini)
