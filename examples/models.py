@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import peewee
 import peewee_async
 
 from areplica import ReplicaManager
-from areplica.consistency import parse_lsn
 
 database = peewee.DatabaseProxy()
 
@@ -49,21 +46,5 @@ async def create_tables(mgr: ReplicaManager, timeout: float = 30.0) -> None:
     no token yet, so a replica that had not replayed the ``CREATE TABLE`` would answer
     ``relation "users" does not exist``.
     """
-    async with mgr.session():
-        await mgr.create_tables(MODELS)  # safe=True: CREATE TABLE IF NOT EXISTS
-        token = mgr.token
-    if token is None:  # consistency="eventual" keeps no token: nothing to wait for
-        return
-    target = parse_lsn(token)
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        behind = [
-            s.name
-            for s in await mgr.check()
-            if s.role == "replica"
-            and s.state == "up"
-            and (s.replay_lsn is None or parse_lsn(s.replay_lsn) < target)
-        ]
-        if not behind or asyncio.get_running_loop().time() > deadline:
-            return  # a replica still behind then is left to causal reads and health checks
-        await asyncio.sleep(0.05)
+    await mgr.create_tables(MODELS)  # safe=True: CREATE TABLE IF NOT EXISTS
+    await mgr.wait_replicated(timeout)  # a replica still behind is left to the health checks

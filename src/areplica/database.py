@@ -18,7 +18,15 @@ It behaves as a plain peewee-async 2.1 database on the primary would (the README
 - sync queries under ``allow_sync()`` go to the primary, with its connection parameters, and
   a sync write advances the causal session like an async one;
 - the catalog reads that decide DDL (``aio_get_tables``, ``aio_table_exists``,
-  ``aio_sequence_exists``) read the primary.
+  ``aio_sequence_exists``) read the primary;
+- deferred initialisation: ``ReplicaManager()`` without members makes a deferred database
+  (``deferred`` is true, ``is_connected`` false, every use raises peewee-async's "database
+  must be initialized" error) until ``mgr.init(...)`` or ``mgr.database.init(...)`` gives
+  the members; a ``peewee.DatabaseProxy`` may point at it before that;
+- ``pool_backend``: the manager's nodes own the pools, but a connection taken with
+  ``pool_backend.acquire()`` (what ``peewee_async.testing.TransactionTestCase`` does) is a
+  primary connection that every query of the manager joins until ``release()``: so
+  peewee-async's own test case works on ``mgr.database``.
 
 peewee ships no type information: the ``# type: ignore`` comments for it stay in this module
 and ``drivers.py``.
@@ -29,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
@@ -49,18 +58,25 @@ from .sessions import Route
 from .transactions import Adopted, Binding
 
 __all__ = [
+    "AdoptedConnection",
     "DatabaseClosedError",
+    "HeldConnection",
     "PsycopgRoutingDatabase",
     "RoutedTransaction",
     "RoutingDatabase",
+    "bind_routing_database",
+    "not_initialised",
     "routing_database_for",
 ]
 
+logger = logging.getLogger("areplica")
 # peewee-async's own SQL logger: ``(sql, params)`` at DEBUG for every query.
 sql_logger = logging.getLogger("peewee.async")
 
 _NOT_IN_CONNECTION = "This method can only be called within the aio_connection context manager"
 _TRANSACTION_OPENED = "Transaction already opened"
+# peewee-async's words for a deferred database (``Database(None)`` before ``init()``).
+_NOT_INITIALISED = "Error, database must be initialized before creating a connection pool"
 
 # The routing databases whose aio_connection() / aio_atomic() / aio_transaction() block the
 # current task is inside (peewee-async's ``connection_context``, kept per database and reset
@@ -79,12 +95,29 @@ class DatabaseClosedError(ClosedError, RuntimeError):
     """
 
 
+def not_initialised(name: str) -> ConfigurationError:
+    """The error for a manager (or ``mgr.database``) used before it was given members.
+
+    It carries peewee-async's message for a deferred database, so handlers and tests
+    written for ``Database(None)`` match it.
+    """
+    return ConfigurationError(
+        f"{_NOT_INITIALISED}: manager {name!r} was created without members; call "
+        "mgr.init(primary=..., replicas=...) or mgr.database.init(...) first",
+        option="primary",
+    )
+
+
 class Opener(Protocol):
-    """What the database asks of its manager: open it (lazy connect) and close it."""
+    """What the database asks of its manager: open it, close it, (re)initialise it."""
 
     @property
     def name(self) -> str:
         """The manager's name."""
+
+    @property
+    def deferred(self) -> bool:
+        """True while the manager has no members (created without them, not yet ``init()``)."""
 
     async def connect(self) -> None:
         """Open the manager (a no-op when open)."""
@@ -92,37 +125,266 @@ class Opener(Protocol):
     async def close(self) -> None:
         """Close the manager."""
 
+    def init(self, *args: Any, **kwargs: Any) -> None:
+        """Give the manager its members and options (``ReplicaManager.init``)."""
 
-class _ManagerPoolBackend(PoolBackend):
-    """``mgr.database`` has no pool of its own: the manager's nodes own the pools.
 
-    peewee-async code that reaches for ``database.pool_backend`` (its
-    ``testing.TransactionTestCase`` does) gets a clear error instead of a pool opened with
-    libpq defaults.
+async def _snapshot(database: Any, cursor: Any) -> tuple[Any, int, list[Any], Any]:
+    """Everything a cursor holds after ``execute``: description, row count, rows, lastrowid."""
+    description = cursor.description
+    rows = list(await cursor.fetchall()) if description is not None else []
+    return description, cursor.rowcount, rows, getattr(cursor, "lastrowid", None)
+
+
+def _transaction_verb(sql: str) -> str | None:
+    """``"begin"`` or ``"end"`` for a statement that opens or ends a transaction, else None."""
+    words = sql.strip().rstrip(";").split()
+    if not words:
+        return None
+    first = words[0].upper()
+    if first == "BEGIN" or (
+        first == "START" and len(words) > 1 and words[1].upper() == "TRANSACTION"
+    ):
+        return "begin"
+    if first in ("COMMIT", "END", "ABORT"):
+        return "end"
+    if first == "ROLLBACK" and not any(w.upper() == "TO" for w in words[1:]):
+        return "end"
+    return None
+
+
+class HeldConnection:
+    """A primary connection pinned in a task of its own, for a test's transaction.
+
+    The manager's ContextVar is set and reset inside that task, so whatever task (or pytest
+    fixture) pins the connection and whatever task lets it go, the ContextVar discipline
+    holds. ``release()`` rolls back a transaction still open on it (unless the connection
+    broke: it is then discarded and the server aborts the transaction) and returns it.
     """
 
-    def _refuse(self) -> ConfigurationError:
-        return ConfigurationError(
-            "mgr.database has no pool of its own (the manager's nodes do); for tests use "
-            "areplica.testing.TransactionTestCase instead of "
-            "peewee_async.testing.TransactionTestCase",
-            option="pool_backend",
+    def __init__(
+        self, engine: Engine, binding: Binding, holder: asyncio.Task[None], done: asyncio.Event
+    ) -> None:
+        self.engine = engine
+        self.binding = binding
+        self._holder: asyncio.Task[None] | None = holder
+        self._done = done
+
+    def __repr__(self) -> str:
+        state = "held" if self._holder is not None else "released"
+        return f"<HeldConnection of {self.engine.core.name!r} on {self.binding.node.name} {state}>"
+
+    @classmethod
+    async def pin(cls, engine: Engine, purpose: str) -> HeldConnection:
+        """Pin a primary connection of an open manager (not inside a transaction)."""
+        if engine.transactions.binding() is not None:
+            raise RuntimeError(
+                f"{purpose} cannot start inside a transaction, aio_connection() or another "
+                "test transaction"
+            )
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[Binding] = loop.create_future()
+        done = asyncio.Event()
+        holder = asyncio.create_task(
+            _hold(engine, ready, done), name=f"{engine.core.name}-{purpose}"
         )
+        try:
+            binding = await asyncio.shield(ready)
+        except BaseException:
+            done.set()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(holder)
+            raise
+        return cls(engine, binding, holder, done)
+
+    async def release(self) -> None:
+        """Roll back what is still open on the connection and return it. Idempotent."""
+        holder, self._holder = self._holder, None
+        if holder is None:
+            return
+        self._done.set()
+        with contextlib.suppress(Exception):
+            await asyncio.shield(holder)
+
+
+async def _hold(engine: Engine, ready: asyncio.Future[Binding], done: asyncio.Event) -> None:
+    transactions = engine.transactions
+    try:
+        async with transactions.pinned_primary():
+            binding = transactions.binding()
+            if binding is None:  # pragma: no cover - pinned_primary() always binds
+                raise RuntimeError("no pinned primary connection")
+            ready.set_result(binding)
+            try:
+                await done.wait()
+            finally:
+                if binding.transaction and not binding.broken:
+                    binding.transaction = False
+                    try:
+                        await transactions.run_bound(binding, "ROLLBACK", None, None)
+                    except Exception:
+                        binding.broken = True
+                        logger.warning(
+                            "%s: test transaction rollback failed; connection discarded",
+                            engine.core.name,
+                        )
+    except BaseException as exc:
+        if not ready.done():
+            if isinstance(exc, Exception):
+                ready.set_exception(exc)
+            else:
+                ready.cancel()
+        raise
+
+
+class _BufferedCursor:
+    """A cursor of an ``AdoptedConnection``: each statement runs through the manager's
+    bound-connection path (one task at a time on the connection) and its rows are buffered.
+
+    The DB-API subset peewee-async uses: ``execute``, ``fetchone``, ``fetchmany``,
+    ``fetchall``, ``description``, ``rowcount``, ``lastrowid``, ``async with``.
+    """
+
+    def __init__(self, connection: AdoptedConnection) -> None:
+        self._connection = connection
+        self.description: Any = None
+        self.rowcount = -1
+        self.lastrowid: Any = None
+        self._rows: deque[Any] = deque()
+
+    async def __aenter__(self) -> _BufferedCursor:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def execute(self, sql: str, params: Sequence[Any] | None = None) -> None:
+        """Run ``sql`` on the adopted connection; a BEGIN/COMMIT/ROLLBACK is tracked."""
+        connection = self._connection
+        binding = connection.binding
+        # Not logged on ``peewee.async``: peewee-async does not log statements sent on a
+        # connection's own cursor (its Transaction's BEGIN / ROLLBACK) either.
+        result = await connection.engine.transactions.run_bound(binding, sql, params, _snapshot)
+        self.description, self.rowcount, rows, self.lastrowid = result
+        self._rows = deque(rows)
+        verb = _transaction_verb(sql)
+        if verb is not None:
+            binding.transaction = verb == "begin"
+
+    async def fetchone(self) -> Any:
+        return self._rows.popleft() if self._rows else None
+
+    async def fetchmany(self, size: int | None = None) -> list[Any]:
+        count = len(self._rows) if size is None else min(size, len(self._rows))
+        return [self._rows.popleft() for _ in range(count)]
+
+    async def fetchall(self) -> list[Any]:
+        rows = list(self._rows)
+        self._rows.clear()
+        return rows
+
+    def close(self) -> None:
+        self._rows.clear()
+
+
+class AdoptedConnection:
+    """What ``mgr.database.pool_backend.acquire()`` returns: a pinned primary connection
+    that every query of the manager joins (from any task) until ``release()``.
+
+    peewee-async's ``testing.TransactionTestCase`` takes one, runs ``BEGIN`` on it, makes
+    every ``aio_connection()`` of the database yield it, and rolls it back at the end: with
+    this object, every query of ``mgr.database`` (and of the manager's own API) runs inside
+    that transaction, so the test's reads see its writes and nothing stays on the servers.
+    Statements sent through ``cursor()`` run one at a time with everything else on it.
+    """
+
+    def __init__(self, held: HeldConnection, adoption: contextlib.ExitStack) -> None:
+        self.held = held
+        self.engine = held.engine
+        self.binding = held.binding
+        self._adoption: contextlib.ExitStack | None = adoption
+
+    def __repr__(self) -> str:
+        return f"<AdoptedConnection of {self.engine.core.name!r} on {self.binding.node.name}>"
+
+    @property
+    def raw(self) -> Any:
+        """The driver's connection underneath (do not run statements on it directly)."""
+        return self.binding.conn
+
+    def cursor(self) -> _BufferedCursor:
+        """A cursor whose statements run on this connection, through the manager."""
+        return _BufferedCursor(self)
+
+    async def release(self) -> None:
+        """Stop every query joining it, roll back what is open, return it. Idempotent."""
+        adoption, self._adoption = self._adoption, None
+        if adoption is not None:
+            adoption.close()
+        await self.held.release()
+
+
+class _ManagerPoolBackend(PoolBackend):
+    """``mgr.database.pool_backend``: the manager, seen as peewee-async's pool.
+
+    ``connect()`` / ``close()`` open and close the manager; ``is_connected`` is whether it is
+    open. The manager's nodes own the real pools: ``acquire()`` pins a primary connection
+    and makes every query of the manager join it (an ``AdoptedConnection``) until
+    ``release()``. That is what ``peewee_async.testing.TransactionTestCase`` needs; only one
+    may be taken at a time, and never inside a transaction.
+    """
+
+    def __init__(self, *, database: str | None = None, **kwargs: Any) -> None:
+        super().__init__(database=database or "")  # no libpq parameters kept here
+        self.owner: Any = None
+        self._taken: set[AdoptedConnection] = set()
+
+    @property
+    def is_connected(self) -> bool:
+        owner = self.owner
+        return bool(owner is not None and owner.is_connected)
 
     def has_acquired_connections(self) -> bool:
-        return False
-
-    async def acquire(self) -> Any:
-        raise self._refuse()
-
-    async def release(self, conn: Any) -> None:
-        raise self._refuse()
+        return bool(self._taken)
 
     async def create(self) -> None:
-        raise self._refuse()
+        await self._database().aio_connect()
 
     async def close(self) -> None:
-        return None
+        owner = self.owner
+        if owner is not None and not owner.deferred:
+            await owner.aio_close()
+
+    async def acquire(self) -> AdoptedConnection:
+        database = self._database()
+        await database._ensure_open()
+        engine: Engine = database.engine
+        if engine.transactions.adopted is not None:
+            raise RuntimeError(
+                f"a connection of manager {engine.core.name!r} is already taken from "
+                "pool_backend (a test transaction is active)"
+            )
+        held = await HeldConnection.pin(engine, "pool-backend-connection")
+        adoption = contextlib.ExitStack()
+        try:
+            adoption.enter_context(engine.transactions.adopt(held.binding))
+        except BaseException:
+            await held.release()
+            raise
+        connection = AdoptedConnection(held, adoption)
+        self._taken.add(connection)
+        return connection
+
+    async def release(self, conn: Any) -> None:
+        if not isinstance(conn, AdoptedConnection) or conn not in self._taken:
+            raise RuntimeError(f"{conn!r} was not acquired from this pool_backend")
+        self._taken.discard(conn)
+        await conn.release()
+
+    def _database(self) -> Any:
+        if self.owner is None:  # pragma: no cover - bound by the database's init()
+            raise RuntimeError("this pool backend belongs to no routing database")
+        return self.owner
 
 
 async def _no_results(database: Any, cursor: Any) -> None:
@@ -203,13 +465,37 @@ class _RoutingMixin:
     _opener: Opener
     pool_backend_cls = _ManagerPoolBackend
 
-    def _bind(self, engine: Engine, opener: Opener) -> None:
+    def init(self, *args: Any, **kwargs: Any) -> None:
+        """(Re)initialise the manager: the arguments of ``ReplicaManager.init()``.
+
+        ``mgr.database.init(primary=..., replicas=..., **options)`` is
+        ``mgr.init(...)``: the peewee pattern of a database created deferred and
+        initialised later (``Database(None)`` then ``.init(...)``), also through a
+        ``peewee.DatabaseProxy`` pointed at it. Allowed while the manager is new or closed.
+        """
+        opener = self.__dict__.get("_opener")
+        if opener is None:  # peewee's own constructor: Database.__init__ calls init(database)
+            super().init(*args, **kwargs)  # type: ignore[misc]
+            return
+        opener.init(*args, **kwargs)
+
+    def _configure(
+        self, engine: Engine, opener: Opener, dbname: str | None, deferred: bool
+    ) -> None:
+        """Route through ``engine`` (a manager's, freshly built); ``deferred``: no members yet."""
+        self.__dict__["_engine"] = None  # peewee's init below must see the stored parameters
+        self.__dict__["_opener"] = None
+        super().init(dbname)  # type: ignore[misc]
+        self.pool_backend.owner = self  # type: ignore[attr-defined]
         self._engine = engine
         self._opener = opener
         self._open_lock: asyncio.Lock | None = None
+        self.deferred = deferred  # peewee's flag; a member DSN may name no database
+        engine.core.database = self
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} of {self._engine.core.name!r}>"
+        deferred = " (deferred)" if self._opener.deferred else ""
+        return f"<{type(self).__name__} of {self._engine.core.name!r}{deferred}>"
 
     @property
     def manager(self) -> Opener:
@@ -225,19 +511,30 @@ class _RoutingMixin:
 
     @property
     def is_connected(self) -> bool:
-        """True while the manager is open (peewee-async: while the pool is)."""
+        """True while the manager is open, as peewee-async's is while its pool is.
+
+        False before the first connect (lazy or ``aio_connect()``), after ``aio_close()``
+        and while deferred; true from a connect until the close.
+        """
         return self._engine.core.is_open
+
+    def _require_initialised(self) -> None:
+        if self._opener.deferred:
+            raise not_initialised(self._engine.core.name)
 
     async def aio_connect(self) -> None:
         """Open the manager; reopens it after ``aio_close()``. A no-op when open."""
+        self._require_initialised()
         await self._opener.connect()
 
     async def aio_close(self) -> None:
         """Close the manager (every pool, the health task) until ``aio_connect()``.
 
         On a manager that was never opened this does nothing, as peewee-async's does on a
-        pool never created: the next query still connects lazily.
+        pool never created: the next query still connects lazily. On a deferred one it
+        raises, as peewee-async's does.
         """
+        self._require_initialised()
         if self._never_opened():
             return
         await self._opener.close()
@@ -251,6 +548,7 @@ class _RoutingMixin:
         core = self._engine.core
         if core.is_open:
             return
+        self._require_initialised()
         if not self._never_opened():
             raise DatabaseClosedError(
                 f"manager {core.name!r} is closed: await mgr.database.aio_connect() "
@@ -322,13 +620,18 @@ class _RoutingMixin:
         finally:
             _IN_CONNECTION.reset(token)
 
-    @contextlib.asynccontextmanager
-    async def aio_connection(self) -> AsyncIterator[Any]:
+    def aio_connection(self) -> AbstractAsyncContextManager[Any]:
         """A primary connection pinned for the block (peewee-async's ``aio_connection``).
 
         Every query inside, read or write, runs on it; nested blocks reuse it. Writes made
-        outside a transaction in the block record the causal token when the block ends.
+        outside a transaction in the block record the causal token when the block ends. On
+        a deferred database it raises at the call, as peewee-async's does.
         """
+        self._require_initialised()
+        return self._aio_connection()
+
+    @contextlib.asynccontextmanager
+    async def _aio_connection(self) -> AsyncIterator[Any]:
         await self._ensure_open()
         transactions = self._engine.transactions
         owner = transactions.binding() is None
@@ -357,30 +660,27 @@ class _RoutingMixin:
 
     def aio_atomic(self) -> AbstractAsyncContextManager[None]:
         """A transaction on the primary, a savepoint when nested (``mgr.atomic()``)."""
-        return self._atomic()
-
-    @contextlib.asynccontextmanager
-    async def _atomic(self) -> AsyncIterator[None]:
-        await self._ensure_open()
-        with self._connection_scope():
-            async with self._engine.transactions.atomic():
-                yield None
+        return self._aio_atomic(use_savepoint=True)
 
     def aio_transaction(self) -> AbstractAsyncContextManager[None]:
         """A transaction on the primary; inside another one it raises, as peewee-async does."""
-        return self._transaction()
+        return self._aio_atomic(use_savepoint=False)
 
     @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[None]:
+    async def _aio_atomic(self, use_savepoint: bool = False) -> AsyncIterator[None]:
+        # peewee-async's name and signature: its testing.TransactionTestCase patches this
+        # method (and _aio_begin) to forbid transactions inside a test.
         await self._ensure_open()
         transactions = self._engine.transactions
-        binding = transactions.binding()
-        if binding is not None and binding.transaction:
-            adopted = transactions.adopted
-            if adopted is None or not adopted.is_root(binding):
-                raise peewee.OperationalError(_TRANSACTION_OPENED)
+        if not use_savepoint:
+            binding = transactions.binding()
+            if binding is not None and binding.transaction:
+                adopted = transactions.adopted
+                if adopted is None or not adopted.is_root(binding):
+                    raise peewee.OperationalError(_TRANSACTION_OPENED)
+        scope = transactions.atomic() if use_savepoint else transactions.transaction()
         with self._connection_scope():
-            async with transactions.transaction():
+            async with scope:
                 yield None
 
     async def aio_begin(self) -> RoutedTransaction:
@@ -419,9 +719,10 @@ class _RoutingMixin:
         """
         stored: dict[str, Any] = self.__dict__.setdefault("_connect_params", {})
         engine = self.__dict__.get("_engine")
-        if engine is None:  # peewee's __init__ / init() fill the stored dict in place
+        target = _sync_target(engine) if engine is not None else None
+        if target is None:  # peewee's __init__ / init() fill the stored dict in place
             return stored
-        return {**stored, **_sync_target(engine).params}
+        return {**stored, **target.params}
 
     @connect_params.setter
     def connect_params(self, value: Mapping[str, Any]) -> None:
@@ -458,12 +759,14 @@ class _RoutingMixin:
         engine.sessions.note_write(token_position(parse_lsn(row[0])), timeline)
 
 
-def _sync_target(engine: Engine) -> NodeDSN:
-    """Where sync queries go: the current primary, or the first configured one."""
+def _sync_target(engine: Engine) -> NodeDSN | None:
+    """Where sync queries go: the current primary, or the first configured one (None: none)."""
     cluster = engine.core.cluster
     node = cluster.primary
     if node is None:  # before connect: the first configured primary, else the first member
         members = list(cluster)
+        if not members:  # deferred: peewee refuses to connect before init() anyway
+            return None
         node = next((n for n in members if n.source == "primary"), members[0])
     return node.dsn
 
@@ -476,13 +779,21 @@ class PsycopgRoutingDatabase(_RoutingMixin, peewee_async.Psycopg3Database):
     """The routing database for the psycopg 3 driver (peewee's psycopg 3 dialect)."""
 
 
-def routing_database_for(engine: Engine, opener: Opener, driver: str, dbname: str | None) -> Any:
-    """A routing database of the driver's dialect over ``engine`` (no I/O).
+def routing_database_for(driver: str) -> Any:
+    """An unbound routing database of the driver's dialect (no I/O).
 
-    ``opener`` (the manager) opens and closes it: the first query connects lazily.
+    ``bind_routing_database`` makes it route through a manager's engine.
     """
     cls = PsycopgRoutingDatabase if driver == "psycopg" else RoutingDatabase
-    database = cls(dbname)
-    database._bind(engine, opener)
-    engine.core.database = database
-    return database
+    return cls(None)
+
+
+def bind_routing_database(
+    database: Any, engine: Engine, opener: Opener, dbname: str | None, *, deferred: bool
+) -> None:
+    """Make ``database`` route through ``engine``; ``opener`` (the manager) opens it.
+
+    Called at construction and again by every ``init()``: models bound to the database (or
+    to a ``peewee.DatabaseProxy`` pointing at it) keep it across re-initialisation.
+    """
+    database._configure(engine, opener, dbname, deferred)

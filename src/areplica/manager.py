@@ -23,7 +23,7 @@ from . import dsn as dsn_mod
 from ._compat import within
 from .cluster import Cluster
 from .core import Core, Lifecycle
-from .database import routing_database_for
+from .database import bind_routing_database, not_initialised, routing_database_for
 from .drivers import get_driver
 from .engine import Engine
 from .errors import ClosedError, ConfigurationError, NoPrimaryError, TopologyError
@@ -62,9 +62,83 @@ class ReplicaManager(QueryAPI):
         dsn: str | None = None,
         **options: Any,
     ) -> None:
-        self.options = Options.build(options)
+        self._connecting = asyncio.Lock()
+        self._closed = asyncio.Event()
+        self._callbacks: list[Callable[[NodeStatus, NodeStatus], Any]] = []
+        self._option_args: dict[str, Any] = {}
+        self.driver_name: str = ""
+        self.database: Any = None
+        # Without members the manager is deferred (peewee's Database(None)): init() later.
+        self._configure(primary, replicas, members, patroni, dsn, options)
+
+    def init(
+        self,
+        primary: str | Sequence[str] | None = None,
+        replicas: Sequence[str] | Mapping[str, str] = (),
+        *,
+        members: str | Sequence[str] | Mapping[str, str] | None = None,
+        patroni: str | Sequence[str] | PatroniSource | None = None,
+        dsn: str | None = None,
+        **options: Any,
+    ) -> None:
+        """Give the manager its members (and options): peewee's deferred initialisation.
+
+        ``ReplicaManager()`` without members is *deferred*: models may already be bound to
+        ``mgr.database`` (or to a ``peewee.DatabaseProxy`` pointed at it), and any use
+        raises until ``init(primary=..., replicas=..., **options)`` (same arguments as the
+        constructor) gives the members. Options accumulate: those given to the constructor
+        or an earlier ``init()`` stay unless given again. Allowed while the manager is new
+        or closed (it starts afresh: roles, sessions and counters are forgotten), else
+        ``ConfigurationError``; ``mgr.database`` stays the same object, with the dialect of
+        the constructor's ``driver``. A failed ``init()`` changes nothing.
+        """
+        core = self._core
+        if self._connecting.locked() or core.lifecycle not in (Lifecycle.NEW, Lifecycle.CLOSED):
+            state = "connecting" if self._connecting.locked() else core.lifecycle.value
+            raise ConfigurationError(
+                f"init: manager {self.name!r} is {state}; init() is allowed only while it is "
+                "new or closed (await mgr.close() first)",
+                option="init",
+            )
+        if primary is None and not replicas and members is None and patroni is None:
+            raise ConfigurationError(
+                "init: no members: give primary=/replicas=, members=, or patroni=",
+                option="members",
+            )
+        saved = dict(self.__dict__)
+        try:
+            self._configure(primary, replicas, members, patroni, dsn, options)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
+
+    @property
+    def deferred(self) -> bool:
+        """True while the manager has no members: created without them, before ``init()``."""
+        return self._deferred
+
+    def _configure(
+        self,
+        primary: str | Sequence[str] | None,
+        replicas: Sequence[str] | Mapping[str, str],
+        members: str | Sequence[str] | Mapping[str, str] | None,
+        patroni: str | Sequence[str] | PatroniSource | None,
+        dsn: str | None,
+        options: Mapping[str, Any],
+    ) -> None:
+        """Build options, members, engine; (re)bind ``mgr.database`` to them. No I/O."""
+        arguments = {**self._option_args, **options}
+        self.options = Options.build(arguments)
+        self._option_args = arguments
         self.name = self.options.name
         driver = get_driver(self.options.driver)
+        if self.database is not None and driver.name != self.driver_name:
+            raise ConfigurationError(
+                f"driver: mgr.database was created for {self.driver_name!r} (its SQL dialect); "
+                f"pass driver={driver.name!r} to ReplicaManager() instead of init()",
+                option="driver",
+            )
         self.driver_name = driver.name
         self._cluster = Cluster(self.name)
         self._core = Core(self.options, driver, self._cluster)
@@ -73,23 +147,19 @@ class ReplicaManager(QueryAPI):
             self._add_entry(*entry)
         self._source = self._patroni_source(patroni)
         self._tracker = MemberTracker(self.name, interval=self.options.health_interval)
-        if not len(self._cluster) and self._source is None:
-            raise ConfigurationError(
-                "no members: give primary=/replicas=, members=, or patroni=", option="members"
-            )
+        self._deferred = not len(self._cluster) and self._source is None
         self._weights = dict(self.options.weights or {})
-        self._apply_weights()
+        if not self._deferred:  # weights name members: checked once there are some
+            self._apply_weights()
         self._core.primary_wait = self.options.resolved_primary_wait(
             with_source=self._source is not None
         )
         self._engine = Engine(self._core, _policy(self.options.policy))
-        self._connecting = asyncio.Lock()
-        self._closed = asyncio.Event()
-        self._callbacks: list[Callable[[NodeStatus, NodeStatus], Any]] = []
-        first = self._template or next(iter(self._cluster)).dsn
-        self.database: Any = routing_database_for(
-            self._engine, self, driver.name, first.params.get("dbname")
-        )
+        first = self._template or next((n.dsn for n in self._cluster), None)
+        if self.database is None:
+            self.database = routing_database_for(driver.name)
+        dbname = first.params.get("dbname") if first is not None else None
+        bind_routing_database(self.database, self._engine, self, dbname, deferred=self._deferred)
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -212,8 +282,10 @@ class ReplicaManager(QueryAPI):
         ``TopologyError`` when members answer but none is out of recovery (or two are, on
         one timeline). A standby that does not answer is not fatal: it starts ``down`` and
         the health task readmits it later. Concurrent callers share one connect; after
-        ``close()`` it reopens the manager.
+        ``close()`` it reopens the manager. A deferred manager raises ``ConfigurationError``.
         """
+        if self._deferred:
+            raise not_initialised(self.name)
         async with self._connecting:
             await self._connect()
 
@@ -514,6 +586,24 @@ class ReplicaManager(QueryAPI):
     async def _session(self, token: str | None, client: str | None) -> AsyncIterator[Session]:
         async with self._engine.sessions.open(token, client=client) as session:
             yield session
+
+    async def wait_replicated(self, timeout: float = 30.0) -> list[str]:
+        """Wait until every standby that is up has what the current task's reads require.
+
+        That is its own writes and those it awaited (see the README's table), or, when it
+        requires nothing, everything the primary has written now. For start-up DDL, say,
+        before requests that carry no token arrive. Returns the names of the standbys still
+        behind after ``timeout`` seconds (empty when all caught up).
+        """
+        self._core.require_open()
+        reads = self._engine.reads
+        required = self._engine.sessions.required(self._engine.sessions.current())
+        if required is None:
+            positions = await reads.current_positions()
+            if positions is None:
+                return [n.name for n in self._cluster.readers() if n.state == "up"]
+            required = positions[0]
+        return [node.name for node in await reads.wait_replayed(required, timeout)]
 
     @property
     def token(self) -> str | None:

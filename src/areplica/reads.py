@@ -339,6 +339,23 @@ class ReadPath:
         monitor = self._core.monitor
         return monitor is not None and await monitor.learn(timeout)
 
+    async def wait_replayed(self, lsn: int, timeout: float) -> list[Node]:
+        """Wait until every standby that is up has replayed ``lsn``; those still behind."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            behind = [
+                node
+                for node in self._core.cluster.readers()
+                if node.state == "up" and (node.lsn is None or node.lsn < lsn)
+            ]
+            if not behind or loop.time() >= deadline:
+                return behind
+            await asyncio.gather(
+                *(self._replay_position(node) for node in behind), return_exceptions=True
+            )
+            await asyncio.sleep(0.01)
+
     async def current_positions(self) -> tuple[int, int] | None:
         """The primary's insert and flush positions now; ``None`` when it cannot answer."""
         primary = self._core.usable_primary()

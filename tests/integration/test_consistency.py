@@ -213,3 +213,18 @@ async def wait_lagging(mgr: ReplicaManager, name: str) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"{name} never showed lag")
+
+
+async def test_wait_replicated(delayed: LocalTopology, ports: dict[str, int]) -> None:
+    """What the task wrote reaches every standby that is up; the late one is named meanwhile."""
+    mgr = make_manager(delayed)
+    async with mgr:
+        proxy.initialize(mgr.database)
+        await mgr.create(Author, name="replicated")
+        assert await mgr.wait_replicated(timeout=0.2) == ["replica-1"]  # 1 s late
+        started = time.monotonic()
+        assert await mgr.wait_replicated(timeout=10) == []
+        assert time.monotonic() - started < 5
+        count = "SELECT count(*) FROM author WHERE name = 'replicated'"
+        for node in ("replica-1", "replica-2"):
+            assert sql_on(delayed, node, count)[0][0] == 1  # the servers' own answer

@@ -9,8 +9,6 @@ tokens in depth; these are about the first minute.
 
 from __future__ import annotations
 
-import os
-import secrets
 import socket
 import subprocess
 import sys
@@ -22,63 +20,22 @@ import httpx
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from areplica import ReplicaManager
 from areplica.testing._support import run_sql
 from areplica.testing.topology import LocalTopology
 from examples import aiohttp_app, fastapi_app
+from tests.integration.fresh import FreshDatabase, fresh_database
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class FreshDatabase:
-    """A new, empty database on every node of the topology; DSNs that point at it."""
-
-    def __init__(self, topology: LocalTopology, name: str) -> None:
-        self.topology = topology
-        self.name = name
-
-    def dsn(self, node: str) -> str:
-        return self.topology.dsn(node).rsplit("/", 1)[0] + "/" + self.name
-
-    def direct_dsn(self, node: str) -> str:
-        return self.topology.direct_dsn(node).rsplit("/", 1)[0] + "/" + self.name
-
-    @property
-    def replicas(self) -> list[str]:
-        return [self.dsn(n) for n in self.topology.nodes if n != "primary"]
-
-    def on_primary(self, sql: str) -> list[tuple[object, ...]]:
-        return run_sql(self.direct_dsn("primary"), sql)
-
-    def manager(self) -> ReplicaManager:
-        return ReplicaManager(
-            self.dsn("primary"), self.replicas, health_interval=0.2, health_timeout=1.0
-        )
-
-    def env(self) -> dict[str, str]:
-        """What the README tells a user to export."""
-        return {
-            **os.environ,
-            "AREPLICA_PRIMARY": self.dsn("primary"),
-            "AREPLICA_REPLICAS": ";".join(self.replicas),
-        }
-
-
 @pytest.fixture
 def fresh_db(topology: LocalTopology) -> Iterator[FreshDatabase]:
-    name = f"areplica_examples_{secrets.token_hex(4)}"
-    run_sql(topology.direct_dsn("primary"), f'CREATE DATABASE "{name}"')
-    topology.wait_replicated()
-    db = FreshDatabase(topology, name)
-    for node in topology.nodes:  # every replica has it (and no users table)
-        assert run_sql(db.direct_dsn(node), "SELECT to_regclass('users')") == [(None,)]
-    try:
+    with fresh_database(topology, "areplica_examples") as db:
+        for node in topology.nodes:  # every replica has it (and no users table)
+            assert run_sql(db.direct_dsn(node), "SELECT to_regclass('users')") == [(None,)]
         yield db
-    finally:
-        run_sql(topology.direct_dsn("primary"), f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        topology.wait_replicated()
 
 
 async def test_fastapi_example_creates_its_tables_and_answers_its_first_requests(

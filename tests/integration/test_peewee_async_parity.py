@@ -349,6 +349,87 @@ async def test_close_before_connect_keeps_lazy_connect(topo: LocalTopology, driv
     await same(topo, driver, close_never_connected)
 
 
+async def connected_states(db: Any) -> Any:
+    states = [("new", db.is_connected)]
+    await db.aio_execute_sql("SELECT 1")
+    states.append(("after a lazy connect", db.is_connected))
+    await db.aio_close()
+    states.append(("after aio_close()", db.is_connected))
+    await db.aio_close()
+    states.append(("after a second aio_close()", db.is_connected))
+    await db.aio_connect()
+    states.append(("after aio_connect()", db.is_connected))
+    await db.aio_connect()
+    states.append(("after a second aio_connect()", db.is_connected))
+    await db.aio_close()
+    return states
+
+
+async def test_is_connected_in_every_state(topo: LocalTopology, driver: str) -> None:
+    run = await same(topo, driver, connected_states)
+    assert [connected for _, connected in run.plain] == [False, True, False, False, True, True]
+
+
+async def deferred_states(db: Any, init: Any) -> Any:
+    async def connection() -> None:
+        async with db.aio_connection():  # peewee-async raises at the call, before entering
+            pass
+
+    async def atomic() -> None:
+        async with db.aio_atomic():
+            pass
+
+    facts: list[Any] = [db.deferred, db.is_connected]
+    for use in (
+        lambda: db.aio_execute_sql("SELECT 1"),
+        db.aio_connect,
+        db.aio_close,
+        lambda: Writer.select().aio_execute(),
+        connection,
+        atomic,
+    ):
+        facts.append(await attempt(use(), message=False))
+    facts.append(await attempt(sync(lambda: _sync_count(db)), message=False))
+    init(db)
+    facts.extend([db.deferred, db.is_connected])
+    facts.append(tuple(await db.aio_execute_sql("SELECT 2", fetch_results=fetchone)))
+    facts.append(db.is_connected)
+    await db.aio_close()
+    return facts
+
+
+def _sync_count(db: Any) -> Any:
+    with db.allow_sync():
+        return Writer.select().count()
+
+
+async def test_deferred_database(topo: LocalTopology, driver: str) -> None:
+    """``Database(None)`` then ``init()``: peewee-async's and a deferred manager's database
+    refuse the same uses before (peewee-async raises a bare Exception, areplica a
+    ConfigurationError with its message), and work after."""
+    reset_tables(topo)
+    params = parse_dsn(topo.dsn("primary"))
+    cls = peewee_async.Psycopg3Database if driver == "psycopg" else peewee_async.PostgresqlDatabase
+    plain = cls(None)
+    connection = {"host": params["host"], "port": int(params["port"]), "user": params["user"]}
+    connection["password"] = params.get("password")  # psycopg's pool backend needs the key
+    with plain.bind_ctx(MODELS):
+        plain_facts = await deferred_states(plain, lambda d: d.init(params["dbname"], **connection))
+    mgr = ReplicaManager(driver=driver, health_interval=0.2, health_timeout=1.0)
+    replicas = [topo.dsn(n) for n in topo.nodes if n != "primary"]
+    with mgr.database.bind_ctx(MODELS):
+        routed_facts = await deferred_states(
+            mgr.database, lambda d: d.init(primary=topo.dsn("primary"), replicas=replicas)
+        )
+    deferred_error = Raised(Exception, None)
+    assert plain_facts[:8] == [True, False] + [deferred_error] * 6
+    assert plain_facts[8] == Raised(peewee.InterfaceError, None)  # peewee's sync refusal
+    assert plain_facts[9:] == [False, False, (2,), True]
+    assert routed_facts[:2] == [True, False]
+    assert routed_facts[2:8] == [Raised(ConfigurationError, None)] * 6
+    assert routed_facts[8:] == plain_facts[8:]
+
+
 # ---------------------------------------------------------------------- allow_sync (item 2)
 
 
@@ -605,11 +686,7 @@ async def transaction_test_case(db: Any) -> Any:
         return count
 
     task = asyncio.create_task(worker())
-    if hasattr(db, "manager"):  # mgr.database: areplica's test case
-        case: Any = TransactionTestCase(db)
-    else:
-        case = peewee_async.testing.TransactionTestCase(db)
-    async with case:
+    async with peewee_async.testing.TransactionTestCase(db):  # peewee-async's own, on both
         await Writer.aio_create(name="in-test")
         seen = [w.name for w in await Writer.select().aio_execute()]
         (standby,) = await db.aio_execute_sql("SELECT pg_is_in_recovery()", fetch_results=fetchone)
@@ -662,11 +739,56 @@ async def test_transaction_test_case_rolls_back_on_the_servers(
     await mgr.close()
 
 
-async def test_peewee_async_test_case_refused_clearly(topo: LocalTopology) -> None:
-    mgr = make_manager(topo)
-    with pytest.raises(ConfigurationError, match=r"areplica\.testing\.TransactionTestCase"):
-        async with peewee_async.testing.TransactionTestCase(mgr.database):
-            pass
+async def peewee_async_test_case_forbids_transactions(db: Any) -> Any:
+    async with peewee_async.testing.TransactionTestCase(db):
+        await Writer.aio_create(name="in-test")
+        refused = []
+        for opener in (db.aio_atomic, db.aio_transaction):
+            refused.append(await attempt(_enter(opener())))
+        async with db.aio_connection():
+            refused.append(await attempt(db.aio_begin()))
+            refused.append(await attempt(db.aio_savepoint()))
+        inside = [w.name for w in await Writer.select().aio_execute()]
+    async with db.aio_atomic():  # allowed again
+        await Writer.aio_create(name="after")
+    return refused, inside, [w.name for w in await Writer.select().aio_execute()]
+
+
+async def test_peewee_async_test_case_forbids_transactions(
+    topo: LocalTopology, driver: str
+) -> None:
+    run = await same(topo, driver, peewee_async_test_case_forbids_transactions)
+    atomic = Raised(ValueError, "Using 'aio_atomic' and 'aio_transcation' is disabled.")
+    begin = Raised(ValueError, "Using 'aio_begin' and 'aio_savepoint' is disabled.")
+    assert run.plain == ([atomic, atomic, begin, begin], ["in-test"], ["after"])
+
+
+async def test_peewee_async_test_case_on_the_servers(topo: LocalTopology, driver: str) -> None:
+    """peewee-async's own test case on mgr.database: one primary transaction that every
+    query of the manager joins (its own API too, and mgr.atomic() as a savepoint), rolled
+    back at the end; nothing reaches the primary's other sessions."""
+    token = reset_tables(topo)
+    mgr = make_manager(topo, driver=driver)
+    async with mgr.session(token):
+        db = mgr.database
+        with db.bind_ctx(MODELS):
+            async with peewee_async.testing.TransactionTestCase(db):
+                assert mgr.is_open  # connected lazily
+                assert db.pool_backend.has_acquired_connections()
+                await mgr.create(Writer, name="via-manager")
+                await Writer.aio_create(name="via-model")
+                with pytest.raises(Boom):
+                    await _fail_in(mgr.atomic(), Writer.aio_create(name="undone"))
+                port = peewee.fn.inet_server_port().alias("port")
+                row = await mgr.get(Writer.select(port))
+                assert row.port == topo.port("primary")
+                names = {w.name for w in await Writer.select().aio_execute()}
+                assert names == {"via-manager", "via-model"}
+                assert sql_on(topo, "primary", "SELECT count(*) FROM parity_writer") == [(0,)]
+            assert not db.pool_backend.has_acquired_connections()
+            assert sql_on(topo, "primary", "SELECT count(*) FROM parity_writer") == [(0,)]
+            await Writer.aio_create(name="after")  # back to normal routing and commits
+    assert sql_on(topo, "primary", "SELECT name FROM parity_writer") == [("after",)]
     await mgr.close()
 
 

@@ -8,8 +8,12 @@
   ``TransactionTestCase``: everything the test does through it (in any task) runs in one
   primary transaction, rolled back after the test.
 
-Both need PostgreSQL binaries (see ``LocalTopology``); the manager fixture needs
-pytest-asyncio.
+The topology needs PostgreSQL binaries (see ``LocalTopology``). The two async fixtures need
+pytest-asyncio (1.0 or newer) and work in its *strict* and *auto* modes alike: they are
+pytest-asyncio fixtures, registered at configure time to run in the event loop of the tests
+that use them (``asyncio_default_test_loop_scope``, ``"function"`` when unset); a manager
+made in one loop cannot serve a test running in another. A test marked with another
+``loop_scope`` that asks for them fails at once, saying so.
 """
 
 from __future__ import annotations
@@ -24,20 +28,8 @@ from ..manager import ReplicaManager
 from .topology import LocalTopology, SetupError
 from .transaction import TransactionTestCase
 
+_LOOP_SCOPES = ("function", "class", "module", "package", "session")
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-try:
-    import pytest_asyncio
-
-    _fixture: Any = pytest_asyncio.fixture
-except ImportError:  # pragma: no cover - without pytest-asyncio only the topology works
-    _fixture = pytest.fixture
-
-
-def _async_fixture(function: _F) -> _F:
-    """pytest-asyncio's fixture decorator (plain pytest's when it is missing)."""
-    decorated: _F = _fixture(function)
-    return decorated
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -54,6 +46,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         choices=("aiopg", "psycopg"),
         help="driver of the areplica_manager fixture (default aiopg)",
     )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the async fixtures in the tests' event loop (when pytest-asyncio is there)."""
+    try:
+        import pytest_asyncio
+    except ImportError:  # pragma: no cover - without pytest-asyncio only the topology works
+        return
+    fixtures = _async_fixtures(pytest_asyncio.fixture, default_test_loop_scope(config))
+    config.pluginmanager.register(fixtures, "areplica-async-fixtures")
+
+
+def default_test_loop_scope(config: pytest.Config) -> str:
+    """The loop scope of tests without a marker: ``asyncio_default_test_loop_scope``."""
+    try:
+        scope = config.getini("asyncio_default_test_loop_scope")
+    except ValueError:  # an older pytest-asyncio: tests run in a loop per function
+        scope = None
+    return str(scope) if scope in _LOOP_SCOPES else "function"
 
 
 @pytest.fixture(scope="session")
@@ -84,20 +95,47 @@ def manager_for(topology: LocalTopology, **options: Any) -> ReplicaManager:
     return ReplicaManager(topology.dsn("primary"), replicas, **options)
 
 
-@_async_fixture
-async def areplica_manager(
-    request: pytest.FixtureRequest, areplica_topology: LocalTopology
-) -> AsyncIterator[ReplicaManager]:
-    """A connected manager over ``areplica_topology``; closed after the test."""
-    driver = str(request.config.getoption("--areplica-driver"))
-    async with manager_for(areplica_topology, driver=driver) as mgr:
-        yield mgr
+def _check_loop(request: pytest.FixtureRequest, fixture: str, loop_scope: str) -> None:
+    """Fail clearly when the test runs in another event loop than the fixture."""
+    marker = request.node.get_closest_marker("asyncio")
+    wanted = (marker.kwargs.get("loop_scope") or marker.kwargs.get("scope")) if marker else None
+    if wanted is not None and wanted != loop_scope:
+        pytest.fail(
+            f"{fixture} runs in the {loop_scope!r} event loop (asyncio_default_test_loop_scope)"
+            f" but {request.node.nodeid} asks for the {wanted!r} one: a manager cannot serve "
+            "a test in another loop; drop the test's loop_scope or set "
+            f"asyncio_default_test_loop_scope = {wanted!r}",
+            pytrace=False,
+        )
 
 
-@_async_fixture
-async def areplica_transaction(
-    areplica_manager: ReplicaManager,
-) -> AsyncIterator[ReplicaManager]:
-    """``areplica_manager`` with the whole test in one primary transaction, rolled back."""
-    async with TransactionTestCase(areplica_manager.database):
-        yield areplica_manager
+def _async_fixtures(fixture: Any, loop_scope: str) -> object:
+    """The async fixtures, as pytest-asyncio fixtures of ``loop_scope`` (strict mode too)."""
+    in_loop: Callable[[_F], _F] = fixture(loop_scope=loop_scope)
+
+    class AsyncFixtures:
+        """areplica's async fixtures (a plugin object: registered by ``pytest_configure``)."""
+
+        def __repr__(self) -> str:
+            return f"<areplica async fixtures, loop_scope={loop_scope!r}>"
+
+        @in_loop
+        async def areplica_manager(
+            self, request: pytest.FixtureRequest, areplica_topology: LocalTopology
+        ) -> AsyncIterator[ReplicaManager]:
+            """A connected manager over ``areplica_topology``; closed after the test."""
+            _check_loop(request, "areplica_manager", loop_scope)
+            driver = str(request.config.getoption("--areplica-driver"))
+            async with manager_for(areplica_topology, driver=driver) as mgr:
+                yield mgr
+
+        @in_loop
+        async def areplica_transaction(
+            self, areplica_manager: ReplicaManager
+        ) -> AsyncIterator[ReplicaManager]:
+            """``areplica_manager`` with the whole test in one primary transaction, rolled
+            back."""
+            async with TransactionTestCase(areplica_manager.database):
+                yield areplica_manager
+
+    return AsyncFixtures()
