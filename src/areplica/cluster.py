@@ -8,6 +8,9 @@ system identifier) and on which timeline they are, and ``observe()`` turns that 
   another cluster is *refused*: it never serves a query, and it is logged as an error;
 - two entries that turn out to be one server (same system identifier, postmaster start
   time and port) are one member: the later entry is refused as a duplicate;
+- a member whose address leads to several servers at once (a load balancer over standbys:
+  its connections, opened at the same time, reach different servers) is refused, with what
+  to list instead (``ServerWatch`` in ``node.py`` decides, from every connection's server);
 - the primary is the one member out of recovery on the highest timeline. A member out of
   recovery on a lower timeline is a former primary that has not been demoted yet: it
   serves nothing. Two members out of recovery on the same highest timeline are a split
@@ -81,6 +84,7 @@ class Cluster:
         self._first = True
         for node in self._members.values():
             node.in_recovery = node.system_id = node.timeline = node.server = None
+            node.servers.reset()
 
     def get(self, name: str) -> Node | None:
         return self._members.get(name)
@@ -158,6 +162,8 @@ class Cluster:
                     f"it belongs to another cluster (system identifier {node.system_id}, "
                     f"this cluster's is {self.system_id})"
                 )
+            elif node.servers.refusal is not None:
+                reason = node.servers.refusal
             elif node.server is not None:
                 first = servers.setdefault(node.server, node)
                 if first is not node:

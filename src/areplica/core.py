@@ -46,6 +46,8 @@ class Counters:
     clamped_tokens: int = 0
     #: Tokens whose write a failover lost (past the branch point of their timeline).
     lost_tokens: int = 0
+    #: Writes acknowledged although the WAL position after them could not be read.
+    unknown_positions: int = 0
 
 
 class Core:

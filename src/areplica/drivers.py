@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +22,7 @@ import peewee
 import peewee_async
 
 from ._compat import bounded
+from ._compat import timeout as _timeout
 from .errors import AreplicaError, ConfigurationError
 
 __all__ = ["DRIVERS", "QUERY_CANCELED", "Driver", "get_driver", "sqlstate_of"]
@@ -31,6 +34,20 @@ _RECOVERY_CONFLICT_STATES = frozenset({"40001", "40P01"})
 READ_ONLY_TRANSACTION = "25006"
 # A cancel request (ours, or close() cutting a query short) ended the statement.
 QUERY_CANCELED = "57014"
+# The server admits no more connections (max_connections, a role's connection limit).
+_FULL_STATES = frozenset({"53300"})
+# What PgBouncer answers when it refuses a client or gives up on a query *before* forwarding
+# it to a server (its ErrorResponse texts, 1.x): the statement never reached PostgreSQL.
+_POOLER_NOT_SENT = (
+    "query_wait_timeout",
+    "no more connections allowed",
+    "pgbouncer cannot connect to server",
+    "server login has been failing",
+    "client_login_timeout",
+    "database configuration changed",
+    "pooler is shutting down",
+)
+_POOLER_FULL = ("no more connections allowed",)
 
 
 def sqlstate_of(exc: BaseException) -> str | None:
@@ -65,12 +82,19 @@ class Driver:
     connect: Callable[[str, float], Awaitable[Any]]
     #: Close a connection; a second call is a no-op (closing twice breaks aiopg, see below).
     close: Callable[[Any], Awaitable[None]]
-    #: Ask the server to cancel the query running on a connection with the driver's own
-    #: non-blocking cancel request, bounded by the timeout; never raises. ``None`` when the
-    #: driver has none that is safe (aiopg: psycopg2's cancel() holds the GIL while it
-    #: blocks, so a hung server would freeze the process): the pool then cancels by
-    #: backend pid over the node's probe connection (``pg_cancel_backend``).
-    cancel: Callable[[Any, float], Awaitable[None]] | None
+    #: Send a PostgreSQL cancel request for the query running on a connection (the
+    #: protocol's CancelRequest, which PgBouncer forwards to the server connection serving
+    #: that client), bounded by the timeout; never raises. True when the request was
+    #: delivered (the postmaster or the pooler took it), False when it was not, or could not
+    #: be sent (then the pool falls back to ``pg_cancel_backend`` with the real backend pid,
+    #: where it knows one). aiopg: libpq's ``PQcancel`` in a daemon thread through ctypes,
+    #: which releases the GIL (psycopg2's own ``cancel()`` holds it while it blocks: a hung
+    #: server froze the whole process); psycopg: ``cancel_safe()``.
+    cancel: Callable[[Any, float], Awaitable[bool]]
+    #: True when a busy connection's input keeps being consumed without an owner (aiopg's
+    #: event loop reader): after a cancel, the pool can see the query end on it.
+    drains: bool
+    #: The pid the protocol gave the client (BackendKeyData); behind PgBouncer a fake one.
     backend_pid: Callable[[Any], int | None]
     is_closed: Callable[[Any], bool]
     is_idle: Callable[[Any], bool]
@@ -95,6 +119,20 @@ class Driver:
         return isinstance(exc, (peewee.OperationalError, peewee.InterfaceError))
 
     @staticmethod
+    def not_sent(exc: BaseException) -> bool:
+        """True when a pooler refused the statement before forwarding it (never applied)."""
+        text = _text_of(exc)
+        return any(marker in text for marker in _POOLER_NOT_SENT)
+
+    @staticmethod
+    def is_full(exc: BaseException) -> bool:
+        """True when the server or its pooler admits no more connections (capacity, not death)."""
+        if sqlstate_of(exc) in _FULL_STATES:
+            return True
+        text = _text_of(exc)
+        return "too many clients" in text or any(marker in text for marker in _POOLER_FULL)
+
+    @staticmethod
     def is_recovery_conflict(exc: BaseException) -> bool:
         """True when a standby cancelled the query to apply WAL (the read may run elsewhere)."""
         return sqlstate_of(exc) in _RECOVERY_CONFLICT_STATES
@@ -105,23 +143,152 @@ class Driver:
         return sqlstate_of(exc) == READ_ONLY_TRANSACTION
 
 
+def _text_of(exc: BaseException) -> str:
+    """The messages of an exception and of the driver exceptions behind it, lower-cased."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        parts.append(str(current))
+        current = _inner(current)
+    return " ".join(parts).lower()
+
+
+class _LibpqCancel:
+    """libpq's blocking ``PQcancel``, run in a daemon thread with the GIL released.
+
+    ``PQgetCancel`` copies the address and the cancel key of a live connection (it does not
+    block); ``PQcancel`` then opens a connection to that address and sends the
+    CancelRequest, and waits until the postmaster (or PgBouncer) has taken it. On a hung
+    server that wait has no end: the thread is a daemon, and the caller stops waiting for it
+    after its timeout (the thread frees the handle whenever it returns).
+    """
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._get = lib.PQgetCancel
+        self._get.argtypes = [ctypes.c_void_p]
+        self._get.restype = ctypes.c_void_p
+        self._cancel = lib.PQcancel
+        self._cancel.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+        self._cancel.restype = ctypes.c_int
+        self._free = lib.PQfreeCancel
+        self._free.argtypes = [ctypes.c_void_p]
+        self._free.restype = None
+
+    @classmethod
+    def load(cls) -> _LibpqCancel | None:
+        """The libpq psycopg2 is linked with (its extension module's dependency), or None."""
+        try:
+            import psycopg2._psycopg as extension
+
+            return cls(ctypes.CDLL(extension.__file__))
+        except (ImportError, OSError, AttributeError):  # pragma: no cover - exotic builds
+            return None
+
+    async def __call__(self, pgconn_ptr: int | None, timeout: float) -> bool:
+        if not pgconn_ptr:
+            return False
+        handle = self._get(pgconn_ptr)
+        if not handle:
+            return False
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
+
+        def deliver(ok: bool) -> None:
+            if not done.done():
+                done.set_result(ok)
+
+        def run() -> None:
+            buffer = ctypes.create_string_buffer(256)
+            try:
+                ok = bool(self._cancel(handle, buffer, 256))
+            finally:
+                self._free(handle)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(deliver, ok)
+
+        threading.Thread(target=run, name="areplica-cancel", daemon=True).start()
+        try:
+            async with _timeout(timeout):
+                return await asyncio.shield(done)
+        except asyncio.TimeoutError:
+            return False
+
+
 def _aiopg_driver() -> Driver:
     import aiopg
     import psycopg2
     import psycopg2.extensions
 
     class Connection(aiopg.Connection):
-        """aiopg's connection, minus its own reaction to a cancelled wait.
+        """aiopg's connection, minus its own reaction to a cancelled wait, with one owner of
+        its event loop registration.
 
         Stock aiopg closes the connection when a query's wait is cancelled and turns a
         server-side cancel (57014) into ``CancelledError`` plus a loop error report. The
         close happens without a cancel request, so the query runs on in the server (an
-        orphan), and the pool's later close is a second one: aiopg then removes the event
-        loop reader of whatever socket reused the file descriptor, and that connection never
-        wakes. Here a cancelled wait leaves the connection as it is: the node pool, its one
+        orphan). Here a cancelled wait leaves the connection as it is: the node pool, its one
         owner, sends the cancel request and closes it exactly once. The reader callback
         keeps consuming the connection's input meanwhile, so the late result is drained.
+
+        The socket's registration with the event loop is dropped the moment libpq closes
+        the socket (a server gone: libpq closes it inside ``poll()`` or ``execute()``), in
+        the same callback, before any other connection can be given the same descriptor
+        number. Stock aiopg left it registered in some of those paths, and removed it only
+        at ``close()``, by number: by then the number could belong to a new connection,
+        whose reader was removed (it never woke), or whose ``add_reader`` in the
+        constructor failed on the stale registration, leaving a half-built connection with
+        an open psycopg2 connection and a pending future to the garbage collector: the
+        ``ResourceWarning`` and "Future exception was never retrieved:
+        OperationalError('Connection closed')" seen when a replica was killed under load.
         """
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._areplica_closed = False
+            try:
+                super().__init__(*args, **kwargs)
+            except BaseException:
+                # Half built (the loop refused the socket, say): close what was opened, and
+                # let nobody wait on the connect future.
+                raw = self.__dict__.get("_conn")
+                if raw is not None:
+                    with contextlib.suppress(Exception):
+                        raw.close()
+                self._waiter = None
+                self._areplica_closed = True
+                raise
+
+        @staticmethod
+        def _ready(weak_self: Any) -> None:
+            aiopg.Connection._ready(weak_self)
+            self = weak_self()
+            if self is not None:
+                self._forget_dropped_socket()
+
+        def _forget_dropped_socket(self) -> None:
+            """Unregister the socket from the loop once libpq no longer has it open."""
+            fileno = self._fileno
+            if fileno is None:
+                return
+            try:
+                current = self._conn.fileno()
+            except (psycopg2.Error, OSError):
+                current = -1
+            if current == fileno:
+                return
+            # libpq dropped the socket (a broken connection): the number is free for reuse.
+            with contextlib.suppress(OSError, ValueError):
+                self._loop.remove_reader(fileno)
+            with contextlib.suppress(OSError, ValueError):
+                self._loop.remove_writer(fileno)
+            self._writing = False
+            self._fileno = None
+
+        async def _cursor(self, *args: Any, **kwargs: Any) -> Any:
+            cursor = await super()._cursor(*args, **kwargs)
+            cursor.__class__ = Cursor
+            return cursor
 
         async def _poll(self, waiter: asyncio.Future[None], timeout: float | None) -> None:
             self._ready(self._weakref)
@@ -133,16 +300,53 @@ def _aiopg_driver() -> Driver:
                 # it (that would be a "Future exception was never retrieved").
                 self._waiter = None
 
+        def close(self) -> Any:
+            """Close once; a second call touches nothing (the descriptor may be reused)."""
+            if self._areplica_closed:
+                return None
+            self._areplica_closed = True
+            self._forget_dropped_socket()
+            waiter, self._waiter = self._waiter, None
+            try:
+                return super().close()
+            finally:
+                self._fileno = None
+                if waiter is not None and not waiter.done():
+                    waiter.cancel()  # a connect nobody awaits: no unretrieved exception
+
+    class Cursor(aiopg.Cursor):
+        """aiopg's cursor; a failed send drops the socket's registration at once."""
+
+        async def execute(self, operation: str, parameters: Any = None, **kwargs: Any) -> None:
+            try:
+                await super().execute(operation, parameters, **kwargs)
+            except BaseException:
+                connection: Any = self._conn
+                connection._forget_dropped_socket()
+                raise
+
     async def connect(conninfo: str, timeout: float) -> Any:
         # Bounded here: libpq's connect_timeout does not apply to non-blocking connects.
         # hstore discovery is off: it costs a query per connection.
-        conn = Connection(conninfo, None, False, enable_hstore=False)  # type: ignore[arg-type]
+        conn = Connection(conninfo, None, False, enable_hstore=False)
         # _connect() closes the connection itself if it fails or is cancelled.
         return await bounded(conn._connect(), timeout, dispose=close)
 
     async def close(conn: Any) -> None:
-        if not conn.closed:
-            conn.close()
+        # Always through the connection's own close (once): it unregisters the socket from
+        # the event loop even when psycopg2 already calls the connection closed (broken).
+        conn.close()
+
+    libpq_cancel = _LibpqCancel.load()
+
+    async def cancel(conn: Any, timeout: float) -> bool:
+        if libpq_cancel is None or conn.closed:
+            return False
+        try:
+            pointer = conn.raw.pgconn_ptr
+        except (psycopg2.Error, AttributeError):
+            return False
+        return await libpq_cancel(pointer, timeout)
 
     def backend_pid(conn: Any) -> int | None:
         if conn.closed:
@@ -161,7 +365,8 @@ def _aiopg_driver() -> Driver:
         database_cls=peewee_async.PostgresqlDatabase,
         connect=connect,
         close=close,
-        cancel=None,
+        cancel=cancel,
+        drains=True,
         backend_pid=backend_pid,
         is_closed=lambda conn: bool(conn.closed),
         is_idle=is_idle,
@@ -186,13 +391,17 @@ def _psycopg_driver() -> Driver:
     async def close(conn: Any) -> None:
         await conn.close()  # idempotent in psycopg
 
-    async def cancel(conn: Any, timeout: float) -> None:
-        # psycopg cancels on the server itself when a wait is cancelled; this covers a
-        # connection handed back while still busy (close() of the pool under load).
+    async def cancel(conn: Any, timeout: float) -> bool:
+        # psycopg cancels on the server itself when a wait is cancelled (in the query's own
+        # task, see NodePool.run); this covers a connection handed back while still busy
+        # (close() of the pool under load).
         if conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.ACTIVE:
-            return
-        with contextlib.suppress(Exception):
+            return True
+        try:
             await conn.cancel_safe(timeout=timeout)
+        except Exception:
+            return False
+        return True
 
     def is_idle(conn: Any) -> bool:
         return bool(conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE)
@@ -208,6 +417,7 @@ def _psycopg_driver() -> Driver:
         connect=connect,
         close=close,
         cancel=cancel,
+        drains=False,
         backend_pid=lambda conn: None if conn.closed else int(conn.info.backend_pid),
         is_closed=lambda conn: bool(conn.closed or conn.broken),
         is_idle=is_idle,

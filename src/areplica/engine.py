@@ -52,8 +52,14 @@ class Engine:
         *,
         on: str | None = None,
         max_staleness: float | None = None,
+        timeout: float | None = None,
     ) -> Any:
-        """Run a peewee query where the rules send it; ``fetch_results`` handles its rows."""
+        """Run a peewee query where the rules send it; ``fetch_results`` handles its rows.
+
+        ``timeout``: seconds the whole call may take when it is a routed read (every
+        attempt, wait and retry; ``ReadTimeoutError``); for a write, the wait for a
+        connection before it is sent (a write once sent is never cut short).
+        """
         self.core.require_open()
         sql, params = self.compile(query)
         kind = classify_query(query, sql)
@@ -62,7 +68,7 @@ class Engine:
             fetch = fetch_raw(query)  # a raw write has no rows: return its row count
         else:
             fetch = fetch_results or getattr(query, "fetch_results", None) or default_fetch(query)
-        return await self.dispatch(sql, params, fetch, kind, on, max_staleness)
+        return await self.dispatch(sql, params, fetch, kind, on, max_staleness, timeout)
 
     async def execute_sql(
         self,
@@ -72,11 +78,12 @@ class Engine:
         *,
         on: str | None = None,
         max_staleness: float | None = None,
+        timeout: float | None = None,
     ) -> Any:
-        """Run raw SQL where the classifier sends it."""
+        """Run raw SQL where the classifier sends it (``timeout``: as ``execute``)."""
         self.core.require_open()
         return await self.dispatch(
-            sql, params or (), fetch_results, classify_sql(sql), on, max_staleness
+            sql, params or (), fetch_results, classify_sql(sql), on, max_staleness, timeout
         )
 
     async def dispatch(
@@ -87,8 +94,13 @@ class Engine:
         kind: QueryKind,
         on: str | None,
         max_staleness: float | None,
+        timeout: float | None = None,
     ) -> Any:
         """Send compiled SQL of a known kind: bound connection, primary, or a read."""
+        if timeout is not None and not timeout > 0:
+            raise ConfigurationError(
+                f"timeout: expected seconds > 0, got {timeout!r}", option="timeout"
+            )
         binding = self.transactions.binding()
         route = self.sessions.route() if on is None else self.on_route(on)
         if kind is QueryKind.WRITE:
@@ -100,10 +112,10 @@ class Engine:
             if binding is not None:
                 binding.wrote = True
                 return await self.transactions.run_bound(binding, sql, params, fetch)
-            return await self.writes.write(sql, params, fetch)
+            return await self.writes.write(sql, params, fetch, timeout=timeout)
         if binding is not None:
             return await self.transactions.run_bound(binding, sql, params, fetch)
-        return await self.reads.read(sql, params, fetch, route, max_staleness)
+        return await self.reads.read(sql, params, fetch, route, max_staleness, timeout)
 
     def on_route(self, on: str) -> Route:
         """The route of a per-call ``on="primary" | "replica" | NAME``."""

@@ -27,7 +27,7 @@ from .database import bind_routing_database, not_initialised, routing_database_f
 from .drivers import get_driver
 from .engine import Engine
 from .errors import ClosedError, ConfigurationError, NoPrimaryError, TopologyError
-from .health import HealthMonitor, HealthSettings, ProbeResult, probe
+from .health import HealthMonitor, HealthSettings, ProbeResult
 from .membership import MemberTracker
 from .node import Node, NodeStatus
 from .options import Options
@@ -219,6 +219,8 @@ class ReplicaManager(QueryAPI):
             pool_size=options.pool_size,
             connect_timeout=_connect_timeout(parsed, options.health_timeout, name, option),
             pool_timeout=options.pool_timeout,
+            max_lifetime=options.max_lifetime,
+            max_idle=options.max_idle,
         )
         node.primary_weight = options.primary_weight
         node.source = option
@@ -301,10 +303,16 @@ class ReplicaManager(QueryAPI):
         monitor = self._new_monitor()
         if self._source is not None:
             await self._refresh_members()
-        outcome = await self._first_probes()
-        await monitor.seed(outcome)
-        if self._cluster.primary is None:
-            raise self._no_primary_at_connect(outcome)
+        try:
+            outcome = await self._first_probes(monitor)
+            await monitor.seed(outcome)
+            if self._cluster.primary is None:
+                raise self._no_primary_at_connect(outcome)
+        except BaseException:
+            # Not open: the probe connections and the pooled ones opened at connect go.
+            await monitor.stop()
+            await asyncio.gather(*(node.reset_pool().close() for node in self._cluster))
+            raise
         core.monitor = monitor
         core.lifecycle = Lifecycle.OPEN
         monitor.start()
@@ -326,12 +334,19 @@ class ReplicaManager(QueryAPI):
             before_round=self._refresh_members if self._source is not None else None,
         )
 
-    async def _first_probes(self) -> dict[Node, ProbeResult | BaseException]:
-        """One probe of every member; an unreachable one starts ``down`` (logged)."""
+    async def _first_probes(
+        self, monitor: HealthMonitor
+    ) -> dict[Node, ProbeResult | BaseException]:
+        """One probe of every member; an unreachable one starts ``down`` (logged).
+
+        On the monitor's own probe connections, kept from here on: behind a session-mode
+        pooler smaller than the pool, the probe holds its server connection before the
+        pool's first connections take the others.
+        """
         nodes = list(self._cluster)
         timeout = self.options.health_timeout
         results = await asyncio.gather(
-            *(probe(node, timeout) for node in nodes), return_exceptions=True
+            *(monitor.first_probe(node, timeout) for node in nodes), return_exceptions=True
         )
         outcome: dict[Node, ProbeResult | BaseException] = {}
         for node, result in zip(nodes, results, strict=True):
@@ -636,6 +651,11 @@ class ReplicaManager(QueryAPI):
     def lost_tokens(self) -> int:
         """Tokens whose write a failover lost, satisfied at their timeline's branch point."""
         return self._core.counters.lost_tokens
+
+    @property
+    def unknown_positions(self) -> int:
+        """Writes acknowledged although the WAL position after them could not be read."""
+        return self._core.counters.unknown_positions
 
 
 # ---------------------------------------------------------------------- helpers

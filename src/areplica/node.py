@@ -1,9 +1,12 @@
 """One server: its connection pool, its health state and its counters.
 
-``NodePool`` is deliberately small: connections are opened on demand by the driver (so a
-dead server fails the acquire at once instead of parking it in a background reconnect
-loop), broken or non-idle connections are closed instead of reused, and ``close()`` closes
-idle connections at once and in-use ones as they come back.
+``NodePool`` is deliberately small, and not psycopg_pool (see the README, "Behind PgBouncer /
+a load balancer"): connections are opened on demand by the driver (so a dead server fails the
+acquire at once instead of parking it in a background reconnect loop), every connection is
+checked to reach the member's one server when it opens, broken, non-idle, too old or too
+long idle connections are closed instead of reused, each query runs in its own task so that
+a deadline holds whatever the driver does on cancel, and ``close()`` closes idle connections
+at once and in-use ones as they come back.
 """
 
 from __future__ import annotations
@@ -11,19 +14,32 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
+import random
 import urllib.parse
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from ._compat import timeout
+from ._compat import bounded, timeout
 from .consistency import format_lsn
 from .drivers import Driver
 from .dsn import MASK, NodeDSN, mask_dsn
 from .errors import NodeUnavailableError, PoolTimeoutError
 
-__all__ = ["Node", "NodePool", "NodeStatus", "Role", "State", "take_slot"]
+__all__ = [
+    "IDENTITY_SQL",
+    "EvictedError",
+    "Node",
+    "NodePool",
+    "NodeStatus",
+    "Role",
+    "ServerKey",
+    "ServerWatch",
+    "State",
+    "take_slot",
+]
 
 logger = logging.getLogger("areplica")
 
@@ -31,6 +47,161 @@ Role = Literal["primary", "replica"]
 #: Cancels a backend's query by pid (``pg_cancel_backend`` over a control connection).
 Canceller = Callable[[int, float], Awaitable[None]]
 State = Literal["up", "lagging", "down", "diverged"]
+#: What tells two servers apart: (system identifier, postmaster start time, port). The
+#: same for every connection to one running server, different for any two servers (and for
+#: one server after a restart).
+ServerKey = tuple[int, float, int]
+T = TypeVar("T")
+
+#: Read on every new pooled connection (one round trip): which server it reached, and the
+#: real backend pid (behind PgBouncer the protocol's pid is a fake key).
+IDENTITY_SQL = (
+    "SELECT (SELECT system_identifier FROM pg_control_system()),"
+    " extract(epoch FROM pg_postmaster_start_time())::float8,"
+    " current_setting('port')::int, pg_backend_pid()"
+)
+#: Seconds a pool stays capped at the connections a server (or its pooler) admitted before
+#: it tries to open one more.
+CAP_HOLD = 10.0
+#: Judgments in a row (each of several fresh connections) finding one server before a
+#: refused member is accepted again.
+ACCEPT_AFTER = 10
+
+
+def describe(key: ServerKey) -> str:
+    """A server key for messages: port and start time (the system identifier is shared)."""
+    import datetime
+
+    started = datetime.datetime.fromtimestamp(key[1], datetime.timezone.utc)
+    return f"port {key[2]} up since {started:%H:%M:%S.%f}"[:-3]
+
+
+class ServerWatch:
+    """Which server a member's address leads to: one, a new one, or several at once.
+
+    Every connection of the member (pooled or probe) says which server it reached when it
+    opens. The first fixes the member's server. A later one on another server is not used
+    (``opened()`` says so) and puts the member in question: the probe then opens fresh
+    connections at the same time and ``judge()``s what they reached:
+
+    - several servers at once: the address is a load balancer (or a DNS name) over several
+      servers; the member is *refused* (it serves nothing, the message says what to list
+      instead) until ``ACCEPT_AFTER`` judgments in a row find one server;
+    - one server, another than before: the server changed over time (a restart, a virtual
+      IP or a service that follows the leader): it is the member's server from now on, and
+      connections to the old one are discarded, as after a restart.
+    """
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.current: ServerKey | None = None
+        self.refusal: str | None = None
+        #: A server other than ``current`` that a new connection reached.
+        self.questioned: ServerKey | None = None
+        self._agreeing = 0
+
+    def __repr__(self) -> str:
+        return f"<ServerWatch {self.label} current={self.current} refused={bool(self.refusal)}>"
+
+    def reset(self) -> None:
+        """Forget everything (the manager reopens)."""
+        self.current = self.questioned = self.refusal = None
+        self._agreeing = 0
+
+    def opened(self, key: ServerKey) -> bool:
+        """A new connection reached ``key``: True when it may be used."""
+        if self.refusal is not None:
+            return False
+        if self.current is None:
+            self.current = key
+            return True
+        if key == self.current:
+            return True
+        self.questioned = key
+        return False
+
+    @property
+    def unsettled(self) -> bool:
+        """True when fresh connections must tell (a mismatch seen, or refused)."""
+        return self.questioned is not None or self.refusal is not None
+
+    def judge(self, keys: set[ServerKey]) -> Literal["same", "changed", "several"]:
+        """What fresh connections open at the same time reached says what the address is."""
+        self.questioned = None
+        if len(keys) > 1:
+            self._agreeing = 0
+            shown = "; ".join(describe(key) for key in sorted(keys, key=lambda k: (k[2], k[1])))
+            self.refusal = (
+                "its address leads to several servers at once: list each server as a "
+                "member (replicas=[...] or members=[...]) or give a discovery source "
+                "(patroni=...), not a load-balanced address; a member must be one server, "
+                f"or reads could miss what their session wrote ({shown})"
+            )
+            return "several"
+        (key,) = keys
+        if self.refusal is not None:
+            self._agreeing += len(keys)
+            if self._agreeing < ACCEPT_AFTER:
+                return "several"
+            self.refusal = None
+            logger.warning(
+                "%s: its address leads to one server again (%s)", self.label, describe(key)
+            )
+        if key != self.current:
+            previous, self.current = self.current, key
+            if previous is not None:
+                logger.warning(
+                    "%s: the server behind its address changed (was %s, now %s); connections "
+                    "to the old one are discarded",
+                    self.label,
+                    describe(previous),
+                    describe(key),
+                )
+                return "changed"
+        return "same"
+
+    def mismatch(self, key: ServerKey) -> str:
+        """Why a new connection on ``key`` is not used."""
+        if self.refusal is not None:
+            return f"{self.label} is refused: {self.refusal}"
+        current = describe(self.current) if self.current is not None else "none"
+        return (
+            f"{self.label}: a new connection reached another server ({describe(key)}) than "
+            f"the member's ({current}); not used until the probes tell whether the server "
+            "changed or the address leads to several servers"
+        )
+
+
+@dataclass
+class _Conn:
+    """What the pool knows of one of its connections."""
+
+    opened: float
+    #: When it is retired at the latest (``max_lifetime``, less a random 5%).
+    expires: float | None
+    idle_since: float
+    server: ServerKey
+    #: The server backend's pid (``pg_backend_pid()`` when it opened).
+    server_pid: int
+    #: The protocol's pid is the server backend's: no pooler in between, so the server's
+    #: own view (``pg_stat_activity``) can tell when that backend has gone.
+    direct: bool
+
+
+class EvictedError(NodeUnavailableError):
+    """The node was evicted (down) while a read ran or was about to run on it.
+
+    Not news about the node (its eviction reason is already recorded): the read simply
+    runs elsewhere.
+    """
+
+
+class _Full(Exception):
+    """Internal: the server or its pooler admits no more connections for now (capped)."""
+
+
+_EVICTED = object()
+_EXPIRED = object()
 
 
 @dataclass(frozen=True)
@@ -66,12 +237,25 @@ class NodePool:
     Every connection areplica opens for queries lives and dies here, so its life has one
     shape whatever path used it (a read, a write, a transaction):
 
-    - ``acquire()`` waits at most ``wait_timeout`` for a free slot (``PoolTimeoutError``:
-      load, not a dead node), then reuses an idle connection or opens one.
-    - ``put_back()``/``release()`` returns it; one that is broken, discarded, not idle, or
-      still running a query is retired instead: the query is cancelled on the server (a
-      PostgreSQL cancel request) and the connection closed exactly once. Its slot is freed
-      only after that, so the server never sees more than ``size`` backends of this pool.
+    - ``acquire(deadline=)`` waits until ``deadline`` at most (``pool_timeout``) for a free
+      slot, then reuses an idle connection or opens one. Opening includes reading which
+      server it reached (``IDENTITY_SQL``): a connection on another server than the
+      member's is not used (``ServerWatch``). A login the server (or a pooler) admits but
+      whose first query gets no answer, or a refusal for capacity, caps the pool at the
+      connections already open (for ``CAP_HOLD`` seconds): callers then wait for one of
+      those instead of a connection that will not come. Nothing was sent either way.
+    - ``run(conn, query, timeout)`` runs a query in its own task: the caller waits at most
+      ``timeout``, or until the pool is evicted; the query task is then cancelled and left
+      to end in the background (the driver cancels the query on the server), and the
+      connection comes back to the pool when it ends, its slot held until then.
+    - ``put_back()``/``release()`` returns it; one that is broken, discarded, not idle,
+      still running a query, older than ``max_lifetime`` or on a server no longer the
+      member's is retired instead: the query is cancelled on the server (a cancel request)
+      and the connection closed exactly once. Its slot is freed only after that, once the
+      server shows the backend gone (or, when that cannot be seen, a bound has passed), so
+      the server never sees more than ``size`` backends of this pool.
+    - Idle connections are closed after ``max_idle`` seconds, so that they pin no pooler's
+      server connection and a member that came back gets its share again.
     - ``close(grace)`` closes idle connections at once, lets in-use ones finish for
       ``grace`` seconds, then cancels their queries on the server; their owners then retire
       them. A connection another task still uses is never closed under it (psycopg crashes
@@ -89,6 +273,9 @@ class NodePool:
         wait_timeout: float | None = None,
         cancel_timeout: float = 2.0,
         canceller: Canceller | None = None,
+        max_lifetime: float | None = None,
+        max_idle: float | None = None,
+        servers: ServerWatch | None = None,
     ):
         self.name = name
         self._driver = driver
@@ -98,16 +285,31 @@ class NodePool:
         self.wait_timeout = wait_timeout
         self.cancel_timeout = cancel_timeout
         self.canceller = canceller
+        self.max_lifetime = max_lifetime
+        self.max_idle = max_idle
+        self.servers = servers if servers is not None else ServerWatch(name)
         #: Waits until a closed connection's backend has exited (same signature).
         self.exit_waiter: Canceller | None = None
         self._idle: collections.deque[Any] = collections.deque()
         self._in_use: set[Any] = set()
+        self._info: dict[Any, _Conn] = {}
         #: Free slots, and the callers waiting for one, first come first served. A freed
         #: slot goes straight to the first waiter (no newcomer can take it meanwhile); a
         #: waiter may wait on several pools at once (``take_slot``).
         self._free = size
         self._waiters: collections.deque[asyncio.Future[NodePool | None]] = collections.deque()
+        #: Slots out of circulation while the pool is capped, and slots still owed to that.
+        self._withheld = 0
+        self._owed = 0
+        #: Callers opening a connection now (each holds a slot).
+        self._opening = 0
+        self._cap_handle: asyncio.TimerHandle | None = None
+        self._sweep_handle: asyncio.TimerHandle | None = None
+        #: Callers waiting on a query task (``run``): answered at once on eviction.
+        self._attempts: set[asyncio.Future[Any]] = set()
         self._closed = False
+        #: Closed by an eviction: no query starts on it any more.
+        self._evicted = False
         self._returned: asyncio.Event | None = None
         self._retiring: set[asyncio.Task[None]] = set()
 
@@ -119,6 +321,10 @@ class NodePool:
         return len(self._in_use)
 
     @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    @property
     def closed(self) -> bool:
         return self._closed
 
@@ -127,40 +333,291 @@ class NodePool:
         """True when every slot is taken: an acquire would wait."""
         return self._free <= 0
 
-    async def acquire(self, *, slot_taken: bool = False) -> Any:
-        """A connection, opened now if no idle one is left; raises on a dead server.
+    @property
+    def capped(self) -> bool:
+        """True while the pool lives within what the server (or its pooler) admitted."""
+        return self._cap_handle is not None
 
+    # ------------------------------------------------------------------ acquiring
+
+    async def acquire(self, *, slot_taken: bool = False, deadline: float | None = None) -> Any:
+        """A connection, reused or opened now; raises on a dead server.
+
+        ``deadline`` (loop time) bounds every wait for it, a slot and a connect alike
+        (``PoolTimeoutError``, nothing sent); ``None``: ``wait_timeout`` from now.
         ``slot_taken``: the caller already holds a slot of this pool (``take_slot``); it
         is the connection's slot from here on, and freed again if this raises.
         """
-        if not slot_taken:
+        loop = asyncio.get_running_loop()
+        if deadline is None and self.wait_timeout is not None:
+            deadline = loop.time() + self.wait_timeout
+        while True:
+            if not slot_taken:
+                if self._closed:
+                    raise NodeUnavailableError(
+                        f"node {self.name!r}: pool is closed", node=self.name
+                    )
+                wait = None if deadline is None else max(0.0, deadline - loop.time())
+                if await take_slot((self,), wait) is None:
+                    raise self._timed_out(deadline, loop.time())
+            slot_taken = False
+            try:
+                if self._closed:  # closed while we waited for the slot
+                    raise NodeUnavailableError(
+                        f"node {self.name!r}: pool is closed", node=self.name
+                    )
+                conn = await self._reuse(loop.time())
+                if conn is None:
+                    conn = await self._open(deadline)
+                self._in_use.add(conn)
+                return conn
+            except _Full:
+                continue  # our slot is withheld (capped): wait for an open connection
+            except BaseException:
+                self.free_slot()
+                raise
+
+    def _timed_out(self, deadline: float | None, now: float) -> PoolTimeoutError:
+        waited = self.wait_timeout if self.wait_timeout is not None else 0.0
+        return PoolTimeoutError(
+            f"node {self.name!r}: no connection of {self.size} freed up in time "
+            f"(pool_timeout {waited:g}s); nothing was sent",
+            node=self.name,
+            timeout=self.wait_timeout,
+        )
+
+    async def _reuse(self, now: float) -> Any:
+        """The most recently used idle connection still fit for use (others are closed)."""
+        while self._idle:
+            conn = self._idle.pop()
+            info = self._info.get(conn)
+            if not self._driver.is_closed(conn) and not self._stale(info, now, idle=True):
+                return conn
+            self._info.pop(conn, None)
+            with contextlib.suppress(Exception):
+                await self._driver.close(conn)
+        return None
+
+    def _stale(self, info: _Conn | None, now: float, *, idle: bool = False) -> bool:
+        if info is None:
+            return True
+        if info.expires is not None and now >= info.expires:
+            return True
+        if idle and self.max_idle is not None and now - info.idle_since >= self.max_idle:
+            return True
+        current = self.servers.current
+        return current is not None and info.server != current
+
+    def _open_count(self) -> int:
+        return len(self._in_use) + len(self._idle)
+
+    async def _open(self, deadline: float | None) -> Any:
+        """A new connection, its server read; ``_Full`` when the server admits no more."""
+        self._opening += 1
+        try:
+            return await self._open_one(deadline)
+        finally:
+            self._opening -= 1
+
+    async def _open_one(self, deadline: float | None) -> Any:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        limit = self.connect_timeout
+        cut = deadline is not None and deadline - started < limit
+        if deadline is not None:
+            limit = max(0.0, min(limit, deadline - started))
+        try:
+            conn = await self._driver.connect(self._conninfo, limit)
+        except asyncio.TimeoutError as exc:
+            if cut:  # our own wait ran out, not the server's connect timeout
+                raise self._timed_out(deadline, loop.time()) from exc
+            raise
+        except Exception as exc:
+            if self._driver.is_full(exc) and self._open_count() > 0:
+                self._cap(f"the server refused a connection ({type(exc).__name__})")
+                raise _Full from exc
+            raise
+        try:
+            remaining = max(0.0, limit - (loop.time() - started))
+            row = await bounded(self._identify(conn), remaining)
+        except asyncio.TimeoutError as exc:
+            await asyncio.shield(self._driver.close(conn))
+            # Logged in, but its first query waits: a pooler queues it (no server
+            # connection is free for us) or the server behind the pooler hangs (the probes
+            # tell). Nothing was sent: live with the connections already open.
+            if self._open_count() > 0:
+                self._cap(f"a new connection's first query got no answer within {limit:g}s")
+                raise _Full from exc
+            raise PoolTimeoutError(
+                f"node {self.name!r}: a new connection was admitted but its first query got "
+                f"no answer within {limit:g}s (a pooler queueing it, or a hung server); "
+                "nothing was sent",
+                node=self.name,
+                timeout=limit,
+            ) from exc
+        except BaseException:
+            await asyncio.shield(self._driver.close(conn))
+            raise
+        key: ServerKey = (int(row[0]), float(row[1]), int(row[2]))
+        if self._closed or not self.servers.opened(key):
+            await asyncio.shield(self._driver.close(conn))
             if self._closed:
                 raise NodeUnavailableError(f"node {self.name!r}: pool is closed", node=self.name)
-            if await take_slot((self,), self.wait_timeout) is None:
-                raise PoolTimeoutError(
-                    f"node {self.name!r}: all {self.size} connections stayed busy for "
-                    f"{self.wait_timeout:g}s (pool_timeout); nothing was sent",
-                    node=self.name,
-                    timeout=self.wait_timeout,
-                )
+            raise NodeUnavailableError(self.servers.mismatch(key), node=self.name)
+        now = loop.time()
+        expires = None
+        if self.max_lifetime is not None:
+            # Less a random 5% (as psycopg_pool does): connections opened together do not
+            # all expire together.
+            expires = now + self.max_lifetime * (1.0 - 0.05 * random.random())
+        pid = int(row[3])
+        self._info[conn] = _Conn(
+            opened=now,
+            expires=expires,
+            idle_since=now,
+            server=key,
+            server_pid=pid,
+            direct=self._driver.backend_pid(conn) == pid,
+        )
+        return conn
+
+    async def _identify(self, conn: Any) -> Any:
+        async with conn.cursor() as cursor:
+            await cursor.execute(IDENTITY_SQL)
+            return await cursor.fetchone()
+
+    async def warm(self, count: int, deadline: float) -> list[ServerKey]:
+        """Open up to ``count`` connections now (kept idle); the servers they reached.
+
+        Used at connect: with the probe's, they are several connections open at the same
+        time, so an address that leads to several servers shows it before any read.
+        """
+        loop = asyncio.get_running_loop()
+        conns: list[Any] = []
+        keys: list[ServerKey] = []
         try:
-            if self._closed:  # closed while we waited for the slot
-                raise NodeUnavailableError(f"node {self.name!r}: pool is closed", node=self.name)
-            while self._idle:
-                conn = self._idle.pop()
-                if not self._driver.is_closed(conn):
-                    self._in_use.add(conn)
-                    return conn
-                await self._driver.close(conn)
-            conn = await self._driver.connect(self._conninfo, self.connect_timeout)
-            if self._closed:  # closed while we were connecting: do not leak it
-                await asyncio.shield(self._driver.close(conn))
-                raise NodeUnavailableError(f"node {self.name!r}: pool is closed", node=self.name)
-            self._in_use.add(conn)
-            return conn
-        except BaseException:
+            for _ in range(min(count, self.size)):
+                if await take_slot((self,), max(0.0, deadline - loop.time())) is None:
+                    break
+                try:
+                    conn = await self._open(deadline)
+                except NodeUnavailableError:
+                    self.free_slot()
+                    if self.servers.questioned is not None:
+                        keys.append(self.servers.questioned)
+                    continue
+                except BaseException:
+                    self.free_slot()
+                    raise
+                self._in_use.add(conn)
+                conns.append(conn)
+                keys.append(self._info[conn].server)
+        except (_Full, Exception):
+            pass
+        finally:
+            for conn in conns:
+                self.release(conn)
+        return keys
+
+    def _cap(self, why: str) -> None:
+        """Live within the connections open now: withhold the other slots for a while.
+
+        Slots in circulation should be the open connections: ``size`` - open ones are
+        withheld. The caller's slot is withheld at once, free ones too; callers still
+        opening withhold their own when they fail, so only the rest is owed by the next
+        slots freed. More withheld than that (an opener counted twice) goes back at once.
+        """
+        self._withheld += 1  # the caller's own slot
+        target = max(0, self.size - self._open_count())
+        while self._withheld < target and self._free > 0:
+            self._free -= 1
+            self._withheld += 1
+        others = max(0, self._opening - 1)
+        self._owed = max(0, target - self._withheld - others)
+        while self._withheld > target:
+            self._withheld -= 1
             self.free_slot()
+        if self._cap_handle is None:
+            logger.info(
+                "%s: %s; using the %d open connection(s) for %gs",
+                self.name,
+                why,
+                self._open_count(),
+                CAP_HOLD,
+            )
+            self._cap_handle = asyncio.get_running_loop().call_later(CAP_HOLD, self._uncap)
+
+    def _uncap(self) -> None:
+        self._cap_handle = None
+        self._owed = 0
+        withheld, self._withheld = self._withheld, 0
+        for _ in range(withheld):
+            self.free_slot()
+
+    # ------------------------------------------------------------------ running a query
+
+    async def run(
+        self,
+        conn: Any,
+        work: Coroutine[Any, Any, T],
+        limit: float | None,
+        done: Callable[[], None] | None = None,
+    ) -> T:
+        """Run ``work`` (a query on ``conn``) in its own task; ``conn`` comes back when it ends.
+
+        The caller waits at most ``limit`` seconds (then ``asyncio.TimeoutError``), or until
+        the pool is evicted (``NodeUnavailableError``): the query task is cancelled and left
+        to end in the background, where the driver cancels the query on the server; the
+        connection is given back (or retired) when the task ends, its slot taken until
+        then. So the caller's wait ends at the deadline whatever the driver does on cancel
+        (psycopg waits for the cancelled query to end, up to 10 s). A cancel of the caller
+        cancels the task the same way and propagates. ``done`` runs when the task ends.
+        """
+        if self._evicted:  # evicted between the acquire and now: not on this node
+            work.close()
+            self.release(conn)
+            if done is not None:
+                done()
+            raise EvictedError(f"node {self.name!r} was evicted (down)", node=self.name)
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(work, name=f"{self.name}-query")
+        waiter: asyncio.Future[Any] = loop.create_future()
+        task.add_done_callback(functools.partial(self._ran, conn, waiter, done))
+        self._attempts.add(waiter)
+        handle = None if limit is None else loop.call_later(limit, _answer, waiter, _EXPIRED)
+        try:
+            outcome = await waiter
+        except BaseException:
+            task.cancel()
             raise
+        finally:
+            if handle is not None:
+                handle.cancel()
+            self._attempts.discard(waiter)
+        if task.done():
+            return task.result()
+        task.cancel()
+        if outcome is _EVICTED:
+            raise EvictedError(
+                f"node {self.name!r} was evicted (down) while a query ran on it",
+                node=self.name,
+            )
+        raise asyncio.TimeoutError
+
+    def _ran(
+        self,
+        conn: Any,
+        waiter: asyncio.Future[Any],
+        done: Callable[[], None] | None,
+        task: asyncio.Task[Any],
+    ) -> None:
+        exc = None if task.cancelled() else task.exception()  # retrieved: the caller may be gone
+        self.release(conn, discard=exc is not None and self._driver.is_disconnect(exc))
+        if done is not None:
+            done()
+        _answer(waiter, None)
+
+    # ------------------------------------------------------------------ giving back
 
     def put_back(self, conn: Any, *, discard: bool = False) -> Coroutine[Any, Any, None] | None:
         """Give a connection back without awaiting; returns the retirement to await, if any.
@@ -173,55 +630,105 @@ class NodePool:
         if conn not in self._in_use:
             return None
         self._in_use.discard(conn)
+        now = asyncio.get_running_loop().time()
+        info = self._info.get(conn)
         if (
             discard
             or self._closed
             or self._driver.is_closed(conn)
             or not self._driver.is_idle(conn)
+            or self._stale(info, now)
         ):
             return self._retire(conn)
+        if info is not None:
+            info.idle_since = now
         self._idle.append(conn)
+        self._arm_sweep(now)
         self.free_slot()
         return None
 
-    async def cancel(self, conn: Any) -> None:
-        """Cancel the query running on ``conn`` on the server (bounded; never raises)."""
+    def _arm_sweep(self, now: float) -> None:
+        if self.max_idle is None or self._sweep_handle is not None or not self._idle:
+            return
+        oldest = self._info.get(self._idle[0])
+        due = self.max_idle if oldest is None else max(0.0, oldest.idle_since + self.max_idle - now)
+        self._sweep_handle = asyncio.get_running_loop().call_later(due + 0.01, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the connections idle for ``max_idle`` (the oldest are at the left)."""
+        self._sweep_handle = None
+        now = asyncio.get_running_loop().time()
+        gone: list[Any] = []
+        while self._idle:
+            info = self._info.get(self._idle[0])
+            if info is not None and not self._stale(info, now, idle=True):
+                break
+            conn = self._idle.popleft()
+            self._info.pop(conn, None)
+            gone.append(conn)
+        if gone:
+            self._spawn(self._close_all(gone), f"{self.name}-idle-close")
+        self._arm_sweep(now)
+
+    async def _close_all(self, conns: list[Any]) -> None:
+        for conn in conns:
+            with contextlib.suppress(Exception):
+                await self._driver.close(conn)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def cancel(self, conn: Any) -> bool:
+        """Cancel the query running on ``conn`` on the server (bounded; never raises).
+
+        True when the query is known to have ended: it ended on the connection after a
+        cancel request (or was not running). False when that cannot be confirmed.
+        """
         if not self._driver.is_busy(conn):
-            return
-        if self._driver.cancel is not None:
-            await self._driver.cancel(conn, self.cancel_timeout)
-            return
-        pid = self._driver.backend_pid(conn)
-        if pid is None or self.canceller is None:
-            return
-        with contextlib.suppress(Exception):
+            return True
+        sent = await self._driver.cancel(conn, self.cancel_timeout)
+        info = self._info.get(conn)
+        if not sent and self.canceller is not None and info is not None and info.direct:
+            # No cancel request got through: the real backend pid, over another connection.
+            with contextlib.suppress(Exception):
+                async with timeout(self.cancel_timeout):
+                    await self.canceller(info.server_pid, self.cancel_timeout)
+                sent = True
+        if not self._driver.drains:
+            return sent and not self._driver.is_busy(conn)
+        # Wait for the cancelled statement's error to come back (the driver's reader
+        # consumes it): the backend is idle then and exits as soon as we close.
+        with contextlib.suppress(asyncio.TimeoutError):
             async with timeout(self.cancel_timeout):
-                await self.canceller(pid, self.cancel_timeout)
-                # Wait for the cancelled statement's error to come back (the driver's reader
-                # consumes it): the backend is idle then and exits as soon as we close.
                 delay = 0.001
                 while self._driver.is_busy(conn):
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 0.05)
+        return not self._driver.is_busy(conn)
 
     async def _retire(self, conn: Any) -> None:
         """Cancel what still runs on the server, close once, then free the slot.
 
         The slot is freed once the server has let the backend go (bounded), so a new
         connection never overlaps an exiting one: the server never lists more than
-        ``size`` backends of this pool.
+        ``size`` backends of this pool. Behind a pooler the server's view is out of reach:
+        a query whose end could not be confirmed then holds the slot for the bound.
         """
-        pid = None
+        info = self._info.pop(conn, None)
         try:
+            ended = True
             with contextlib.suppress(Exception):
-                pid = self._driver.backend_pid(conn)
-            await self.cancel(conn)
+                ended = await self.cancel(conn)
             with contextlib.suppress(Exception):
                 await self._driver.close(conn)
-            if pid is not None and self.exit_waiter is not None:
+            if info is not None and info.direct and self.exit_waiter is not None:
                 with contextlib.suppress(Exception):
                     async with timeout(self.cancel_timeout):
-                        await self.exit_waiter(pid, self.cancel_timeout)
+                        await self.exit_waiter(info.server_pid, self.cancel_timeout)
+            elif not ended:
+                await asyncio.sleep(self.cancel_timeout)
         finally:
             self.free_slot()
 
@@ -229,7 +736,13 @@ class NodePool:
         """Give a slot back: to the first caller still waiting for one, else to the pool.
 
         Once the pool is closed every waiter is woken with it (``acquire`` then raises).
+        While capped, the slot may be withheld instead.
         """
+        if self._owed > 0 and not self._closed:
+            self._owed -= 1
+            self._withheld += 1
+            self._note_returned()
+            return
         handed = False
         while self._waiters and not handed:
             waiter = self._waiters.popleft()
@@ -253,26 +766,36 @@ class NodePool:
         """
         retiring = self.put_back(conn, discard=discard)
         if retiring is not None:
-            task = asyncio.get_running_loop().create_task(retiring, name=f"{self.name}-retire")
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            self._spawn(retiring, f"{self.name}-retire")
 
     async def close(self, grace: float | None = None) -> None:
         """Close idle connections now; with ``grace``, drain the in-use ones.
 
-        ``grace=None`` (an evicted node's old pool) leaves in-use connections to their
-        owners, who retire them as they come back. With a number, queries still running
-        after ``grace`` seconds are cancelled on the server; their owners then see the
-        error and hand the connections back, and this waits for that (bounded).
+        ``grace=None`` (an evicted node's old pool) answers every caller waiting on a query
+        of this pool at once (they retry elsewhere; the queries are cancelled in the
+        background) and leaves in-use connections to their owners, who retire them as
+        they come back. With a number, queries still running after ``grace`` seconds are
+        cancelled on the server; their owners then see the error and hand the connections
+        back, and this waits for that (bounded).
         """
         self._closed = True
+        for handle in (self._cap_handle, self._sweep_handle):
+            if handle is not None:
+                handle.cancel()
+        self._cap_handle = self._sweep_handle = None
+        self._owed = 0
         while self._waiters:  # nothing will be handed out any more: wake them all
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(self)
+        if grace is None:
+            self._evicted = True
+            for attempt in list(self._attempts):
+                _answer(attempt, _EVICTED)
         idle = list(self._idle)
         self._idle.clear()
         for conn in idle:
+            self._info.pop(conn, None)
             with contextlib.suppress(Exception):
                 await self._driver.close(conn)
         if grace is not None and self._in_use and not await self._wait_returned(grace):
@@ -340,6 +863,11 @@ def _expire(waiter: asyncio.Future[NodePool | None]) -> None:
         waiter.set_result(None)
 
 
+def _answer(waiter: asyncio.Future[Any], value: Any) -> None:
+    if not waiter.done():
+        waiter.set_result(value)
+
+
 class Node:
     """One PostgreSQL server known to a manager."""
 
@@ -354,6 +882,8 @@ class Node:
         connect_timeout: float,
         pool_timeout: float | None = None,
         weight: float = 1.0,
+        max_lifetime: float | None = None,
+        max_idle: float | None = None,
     ) -> None:
         self.name = name
         self.dsn = dsn
@@ -362,6 +892,10 @@ class Node:
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self.pool_timeout = pool_timeout
+        self.max_lifetime = max_lifetime
+        self.max_idle = max_idle
+        #: Which server the member's address leads to (every connection says when it opens).
+        self.servers = ServerWatch(f"member {name!r} ({dsn.masked})")
         #: Read weight as a standby (``weights``); 0 takes no reads (``noloadbalance``).
         self.read_weight = weight
         #: Read weight while it is the primary (``primary_weight``; 0: no reads).
@@ -433,6 +967,9 @@ class Node:
             # A cancel request is a control round trip: bounded like a probe.
             cancel_timeout=self.connect_timeout,
             canceller=self._cancel_backend,
+            max_lifetime=self.max_lifetime,
+            max_idle=self.max_idle,
+            servers=self.servers,
         )
         pool.exit_waiter = self._backend_gone
         return pool

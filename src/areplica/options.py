@@ -83,6 +83,8 @@ class Options:
     recover_after: int = field(default=2, metadata=_spec("count"))
     read_timeout: float | None = field(default=30.0, metadata=_spec("seconds", nullable=True))
     pool_timeout: float | None = field(default=30.0, metadata=_spec("seconds", nullable=True))
+    max_lifetime: float | None = field(default=3600.0, metadata=_spec("seconds", nullable=True))
+    max_idle: float | None = field(default=600.0, metadata=_spec("seconds", nullable=True))
     close_timeout: float = field(default=5.0, metadata=_spec("seconds0"))
     #: ``None``: 5 s with a Patroni source, else 0 (``resolved_primary_wait``).
     primary_wait: float | None = field(default=None, metadata=_spec("seconds0", nullable=True))

@@ -3,7 +3,8 @@
 peewee-async 2.x removed its ``Manager``; ``QueryAPI`` brings those methods back as a layer
 over one core call, ``Engine.execute``. Every method routes by the engine's rules: reads to
 a caught-up replica, writes and transactions to the primary. Reads take
-``on="primary" | "replica" | NAME`` and ``max_staleness=SECONDS``.
+``on="primary" | "replica" | NAME``, ``max_staleness=SECONDS`` and ``timeout=SECONDS`` (the
+whole call's bound).
 """
 
 from __future__ import annotations
@@ -25,10 +26,21 @@ class QueryAPI:
     _engine: Engine
 
     async def execute(
-        self, query: Any, *, on: str | None = None, max_staleness: float | None = None
+        self,
+        query: Any,
+        *,
+        on: str | None = None,
+        max_staleness: float | None = None,
+        timeout: float | None = None,
     ) -> Any:
-        """Execute any peewee query; returns what peewee-async's ``aio_execute`` returns."""
-        return await self._engine.execute(query, on=on, max_staleness=max_staleness)
+        """Execute any peewee query; returns what peewee-async's ``aio_execute`` returns.
+
+        ``timeout``: seconds the whole read may take, retries and waits included
+        (``ReadTimeoutError``); for a write, only the wait before it is sent.
+        """
+        return await self._engine.execute(
+            query, on=on, max_staleness=max_staleness, timeout=timeout
+        )
 
     async def execute_sql(
         self,
@@ -37,10 +49,11 @@ class QueryAPI:
         *,
         on: str | None = None,
         max_staleness: float | None = None,
+        timeout: float | None = None,
     ) -> list[tuple[Any, ...]] | None:
         """Run raw SQL, routed by the classifier; returns the rows of a read."""
         rows: list[tuple[Any, ...]] | None = await self._engine.execute_sql(
-            sql, params, fetchall_or_none, on=on, max_staleness=max_staleness
+            sql, params, fetchall_or_none, on=on, max_staleness=max_staleness, timeout=timeout
         )
         return rows
 
@@ -50,11 +63,14 @@ class QueryAPI:
         *args: Any,
         on: str | None = None,
         max_staleness: float | None = None,
+        timeout: float | None = None,
         **kwargs: Any,
     ) -> Any:
         """The one row matching, or the model's ``DoesNotExist``."""
         query, model = select_of(source, args, kwargs)
-        rows = await self._engine.execute(query.limit(1), on=on, max_staleness=max_staleness)
+        rows = await self._engine.execute(
+            query.limit(1), on=on, max_staleness=max_staleness, timeout=timeout
+        )
         if not rows:
             sql, params = self._engine.compile(query)
             raise model.DoesNotExist(
@@ -140,9 +156,12 @@ class QueryAPI:
         *,
         on: str | None = None,
         max_staleness: float | None = None,
+        timeout: float | None = None,
     ) -> Any:
         """The first column of the first row (or the row with ``as_tuple``)."""
-        row = await self._engine.execute(query, fetchone_raw, on=on, max_staleness=max_staleness)
+        row = await self._engine.execute(
+            query, fetchone_raw, on=on, max_staleness=max_staleness, timeout=timeout
+        )
         if row is None:
             return None
         return tuple(row) if as_tuple else row[0]
@@ -154,6 +173,7 @@ class QueryAPI:
         *,
         on: str | None = None,
         max_staleness: float | None = None,
+        timeout: float | None = None,
     ) -> int:
         """``SELECT COUNT(1)`` over the query, as peewee's ``count()`` does."""
         clone = query.order_by().alias("_wrapped")
@@ -162,16 +182,23 @@ class QueryAPI:
         if _plain(clone):
             clone = clone.select(peewee.SQL("1"))
         wrapped = peewee.Select([clone], [peewee.fn.COUNT(peewee.SQL("1"))])
-        return int(await self.scalar(wrapped, on=on, max_staleness=max_staleness) or 0)
+        return int(
+            await self.scalar(wrapped, on=on, max_staleness=max_staleness, timeout=timeout) or 0
+        )
 
     async def exists(
-        self, query: Any, *, on: str | None = None, max_staleness: float | None = None
+        self,
+        query: Any,
+        *,
+        on: str | None = None,
+        max_staleness: float | None = None,
+        timeout: float | None = None,
     ) -> bool:
         """True when the query matches at least one row."""
         clone = query.columns(peewee.SQL("1"))
         clone._limit = 1
         clone._offset = None
-        return bool(await self.scalar(clone, on=on, max_staleness=max_staleness))
+        return bool(await self.scalar(clone, on=on, max_staleness=max_staleness, timeout=timeout))
 
     async def prefetch(
         self, query: Any, *subqueries: Any, prefetch_type: int = peewee.PREFETCH_TYPE.WHERE

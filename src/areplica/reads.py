@@ -17,13 +17,13 @@ primary. SQL errors pass through.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import peewee
 
-from ._compat import bounded
 from .consistency import parse_lsn, token_position
 from .core import Core
 from .errors import (
@@ -33,10 +33,10 @@ from .errors import (
     PoolTimeoutError,
     ReadTimeoutError,
 )
-from .node import Node, NodePool, take_slot
+from .node import EvictedError, Node, NodePool, take_slot
 from .replay import ReplayWatch
 from .results import FetchResults, fetchone_raw
-from .sessions import Cell, Route, Sessions
+from .sessions import UNKNOWN_LSN, Cell, Route, Sessions
 from .writes import WritePath
 
 __all__ = ["ReadPath"]
@@ -47,6 +47,14 @@ _REPLAY_SQL = "SELECT pg_last_wal_replay_lsn()::text"
 #: The primary's insert position (what a genuine token can be at most) and its flush
 #: position (what standbys can have received: WAL is sent once flushed).
 _CURRENT_SQL = "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"
+
+
+#: "Use the option's value" for ``run_read(limit=)`` (``None`` means no limit there).
+_DEFAULT: object = object()
+#: Seconds a read attempt may outlast its ``read_timeout`` (the README states it): the
+#: query runs in its own task, so the caller stops waiting at the deadline whatever the
+#: driver does on cancel; this covers the event loop's own latency under load.
+ATTEMPT_BOUND = 0.25
 
 
 class _CatchUp(Exception):
@@ -72,6 +80,9 @@ class ReadPath:
         self._writes = writes
         self._policy = policy
         self._watch = ReplayWatch(core.name, self._replay_position)
+        #: The primary's position being read for sessions whose position is unknown:
+        #: (``Sessions.unknown_writes`` when it started, the read).
+        self._settling: tuple[int, asyncio.Future[tuple[int, int] | None]] | None = None
 
     # ------------------------------------------------------------------ choosing a node
 
@@ -203,26 +214,45 @@ class ReadPath:
         fetch: FetchResults | None,
         route: Route | None,
         max_staleness: float | None,
+        timeout: float | None = None,
     ) -> Any:
-        """Run a read on the node the rules choose, retrying elsewhere on failure."""
+        """Run a read on the node the rules choose, retrying elsewhere on failure.
+
+        The bounds (README, "Failure semantics"): each attempt's query ends by
+        ``read_timeout`` + ``ATTEMPT_BOUND``; every wait for a connection, over all
+        attempts, shares one ``pool_timeout``; waiting for a replica to catch up shares
+        one ``causal_wait``. ``timeout``: the whole call's bound (``ReadTimeoutError``).
+        """
         core = self._core
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        call_deadline = None if timeout is None else started + timeout
+        pool_timeout = core.options.pool_timeout
+        pool_deadline = None if pool_timeout is None else started + pool_timeout
+        if call_deadline is not None:
+            pool_deadline = (
+                call_deadline if pool_deadline is None else min(pool_deadline, call_deadline)
+            )
+        catch_up_until = started + core.options.causal_wait
         tried: set[Node] = set()
         attempt = 0
         session = self._sessions.current()
         if session is not None and session.external:
             await self._sessions.vet(session, self.current_positions, self._learn)
-        deadline: float | None = None
+        if self._sessions.required(session) == UNKNOWN_LSN and session is not None:
+            if not await self._settle_unknown(session) and route is None:
+                route = Route("primary")  # the primary cannot say where it is: read there
         while True:
-            node, nodes = await self._choose(route, tried, max_staleness, session)
+            node, nodes = await self._choose(
+                route, tried, max_staleness, session, catch_up_until, call_deadline
+            )
             held: NodePool | None = None
             try:
                 if node.pool.saturated and len(nodes) > 1:
                     # Every candidate is busy (the choice prefers one with room): take the
                     # first slot freed on any of them, rather than queue behind one node
                     # whose queries may be stuck on a hung server.
-                    if deadline is None and core.options.pool_timeout is not None:
-                        deadline = asyncio.get_running_loop().time() + core.options.pool_timeout
-                    held, node = await self._slot_on_any(nodes, deadline)
+                    held, node = await self._slot_on_any(nodes, pool_deadline)
                     if held.closed or not self.still_eligible(
                         node, route, tried, max_staleness, session
                     ):
@@ -230,12 +260,27 @@ class ReadPath:
                         held.free_slot()
                         core.require_open()
                         continue
-                return await self.run_read(node, sql, params, fetch, held=held)
+                limit = core.options.read_timeout
+                if call_deadline is not None:
+                    left = max(0.0, call_deadline - loop.time())
+                    limit = left if limit is None else min(limit, left)
+                return await self.run_read(
+                    node, sql, params, fetch, held=held, deadline=pool_deadline, limit=limit
+                )
             except Exception as exc:
                 if core.cut_by_close(exc):
                     raise core.not_open() from exc
                 if self._refused_as_write(node, exc, sql):
                     return await self._writes.write(sql, params, fetch)
+                if call_deadline is not None and loop.time() >= call_deadline:
+                    if isinstance(exc, ReadTimeoutError):
+                        raise
+                    raise ReadTimeoutError(
+                        f"{core.name}: a read ran out of its timeout ({timeout:g}s) on "
+                        f"{node.label} ({type(exc).__name__})",
+                        node=node.name,
+                        timeout=timeout,
+                    ) from exc
                 if not self._retryable(node, exc, route, attempt):
                     raise
                 attempt += 1
@@ -254,13 +299,24 @@ class ReadPath:
         tried: set[Node],
         max_staleness: float | None,
         session: Cell | None,
+        catch_up_until: float,
+        call_deadline: float | None,
     ) -> tuple[Node, list[Node]]:
-        """The node for this attempt and the candidates it was chosen from."""
+        """The node for this attempt and the candidates it was chosen from.
+
+        Catching up waits until ``catch_up_until`` (one ``causal_wait`` per call, over all
+        attempts) and never past the call's deadline.
+        """
         try:
             nodes = self.candidates(route, tried, max_staleness, session)
             return self.pick(nodes), nodes
         except _CatchUp as wait:
-            node = await self._catch_up(wait.nodes, wait.lsn) or self.fallback(route)
+            until = catch_up_until if call_deadline is None else min(catch_up_until, call_deadline)
+            left = until - asyncio.get_running_loop().time()
+            node = None
+            if left > 0:
+                node = await self._catch_up(wait.nodes, wait.lsn, left)
+            node = node or self.fallback(route)
             return node, [node]
 
     def _refused_as_write(self, node: Node, exc: Exception, sql: str) -> bool:
@@ -279,8 +335,9 @@ class ReadPath:
     def _retryable(self, node: Node, exc: Exception, route: Route | None, attempt: int) -> bool:
         """Whether a failed read may run again elsewhere (and what the failure says)."""
         core = self._core
-        if isinstance(exc, (ReadTimeoutError, PoolTimeoutError)):
-            # A slow query or a busy pool: try elsewhere, but the node is not down.
+        if isinstance(exc, (ReadTimeoutError, PoolTimeoutError, EvictedError)):
+            # A slow query or a busy pool: try elsewhere, but the node is not down. An
+            # evicted node is down already, its reason recorded: just go elsewhere.
             retry = True
         elif core.driver.is_disconnect(exc) or isinstance(exc, NodeUnavailableError):
             retry = True
@@ -315,17 +372,50 @@ class ReadPath:
 
     # ------------------------------------------------------------------ catch-up
 
-    async def _catch_up(self, nodes: list[Node], lsn: int) -> Node | None:
-        """The first of ``nodes`` to replay ``lsn`` within ``causal_wait`` (``ReplayWatch``)."""
-        node = await self._watch.wait(nodes, lsn, self._core.options.causal_wait)
+    async def _catch_up(
+        self, nodes: list[Node], lsn: int, wait: float | None = None
+    ) -> Node | None:
+        """The first of ``nodes`` to replay ``lsn`` within ``wait`` (``causal_wait``)."""
+        if wait is None:
+            wait = self._core.options.causal_wait
+        node = await self._watch.wait(nodes, lsn, wait)
         if node is None or node.state != "up":
             return None
         self._core.counters.caught_up_reads += 1
         return node
 
+    async def _settle_unknown(self, cell: Cell) -> bool:
+        """Give a cell whose position is unknown the primary's current one (read once).
+
+        Reads that need it at the same time share one read of the primary, started after
+        every write acknowledged without a position (``Sessions.unknown_writes``): any
+        position the primary shows after a commit covers that commit.
+        """
+        epoch = self._sessions.unknown_writes
+        shared = self._settling
+        if (
+            shared is None
+            or shared[0] != epoch
+            or (shared[1].done() and (shared[1].cancelled() or shared[1].result() is None))
+        ):
+            future = asyncio.ensure_future(self.current_positions())
+            self._settling = shared = (epoch, future)
+        answer = await asyncio.shield(shared[1])
+        if answer is None:
+            return False
+        primary = self._core.cluster.primary
+        timeline = primary.timeline if primary is not None else None
+        self._sessions.settle_unknown(cell, answer[0], shared[0], timeline)
+        return True
+
     async def close(self) -> None:
         """Stop the replay pollers (the manager is closing)."""
         await self._watch.close()
+        settling, self._settling = self._settling, None
+        if settling is not None and not settling[1].done():
+            settling[1].cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await settling[1]
 
     async def _replay_position(self, node: Node) -> int:
         row = await self.run_read(node, _REPLAY_SQL, None, fetchone_raw, count=False)
@@ -378,39 +468,42 @@ class ReadPath:
         *,
         count: bool = True,
         held: NodePool | None = None,
+        deadline: float | None = None,
+        limit: float | object | None = _DEFAULT,
     ) -> Any:
-        """Run a read on ``node``; ``held``: a slot of its pool the caller already took."""
+        """Run a read on ``node``; ``held``: a slot of its pool the caller already took.
+
+        ``deadline`` (loop time) bounds the wait for a connection (``pool_timeout`` from
+        now by default); ``limit`` the query (``read_timeout`` by default). The query runs
+        in its own task (``NodePool.run``): at its limit the caller gets
+        ``ReadTimeoutError`` at once, and the cancel on the server and the connection's
+        disposal go on in the background, the connection's slot taken until they end.
+        """
         core = self._core
         node.in_flight += 1
-        conn = None
         pool = node.pool if held is None else held
-        # Only a broken connection is discarded. After a cancellation or a timeout the pool
-        # looks at it: one still running is cancelled on the server and closed; one the
-        # driver already cancelled and drained (psycopg) is idle and simply reused.
-        discard = False
         try:
-            # The pool wait has its own bound (pool_timeout); read_timeout bounds the query.
-            conn = await pool.acquire(slot_taken=held is not None)
-            read_timeout = core.options.read_timeout
-            try:
-                result = await bounded(self._query(conn, sql, params, fetch), read_timeout)
-            except asyncio.TimeoutError as exc:
-                raise ReadTimeoutError(
-                    f"{core.name}: a read on {node.label} ran longer than read_timeout "
-                    f"({read_timeout:g}s); cancelled on the server",
-                    node=node.name,
-                    timeout=read_timeout,
-                ) from exc
-            if count:
-                node.reads += 1
-            return result
-        except Exception as exc:
-            discard = core.driver.is_disconnect(exc)
-            raise
-        finally:
+            conn = await pool.acquire(slot_taken=held is not None, deadline=deadline)
+        except BaseException:
             node.done()
-            if conn is not None:
-                pool.release(conn, discard=discard)
+            raise
+        read_timeout = cast(
+            "float | None", core.options.read_timeout if limit is _DEFAULT else limit
+        )
+        try:
+            result = await pool.run(
+                conn, self._query(conn, sql, params, fetch), read_timeout, done=node.done
+            )
+        except asyncio.TimeoutError as exc:
+            raise ReadTimeoutError(
+                f"{core.name}: a read on {node.label} ran longer than "
+                f"{read_timeout:g}s (read_timeout); cancelled on the server",
+                node=node.name,
+                timeout=read_timeout,
+            ) from exc
+        if count:
+            node.reads += 1
+        return result
 
     async def _query(
         self, conn: Any, sql: str, params: Sequence[Any] | None, fetch: FetchResults | None

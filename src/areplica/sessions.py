@@ -47,9 +47,18 @@ from typing import Any, Literal
 from .consistency import LSN_MASK, WarnOnce, format_lsn, format_token, parse_token, position
 from .core import Core
 
-__all__ = ["Cell", "Route", "Session", "Sessions"]
+__all__ = ["UNKNOWN_LSN", "UNKNOWN_POS", "Cell", "Route", "Session", "Sessions"]
 
 logger = logging.getLogger("areplica")
+
+
+#: What a cell requires after a write whose WAL position could not be read: above every
+#: real position (no standby has it), until the read path settles it with the primary's
+#: position read afterwards (``note_unknown_write``, ``settle_unknown``).
+UNKNOWN_LSN = (1 << 64) - 1
+#: The same as a position: above any real one (timeline and LSN all ones), so it wins every
+#: fold; ``required()`` answers ``UNKNOWN_LSN`` for it.
+UNKNOWN_POS = (1 << 96) - 1
 
 
 @dataclass(frozen=True)
@@ -157,6 +166,9 @@ class Sessions:
         self._done_write = 0.0
         self._highest_lsn = 0
         self._warned = WarnOnce(maxsize=1024)
+        #: Writes acknowledged without a position (each one also bumps an epoch: a
+        #: primary position read before the latest of them covers none after it).
+        self.unknown_writes = 0
         self._causal = core.options.consistency == "causal"
         self._tracks = core.options.consistency != "eventual"
 
@@ -353,6 +365,41 @@ class Sessions:
             self._raise(cell, pos, pos, now)
         if lsn and lsn > self._highest_lsn:
             self._highest_lsn = lsn
+
+    def note_unknown_write(self) -> None:
+        """A write committed but the WAL position covering it could not be read.
+
+        The current task then requires ``UNKNOWN_LSN`` (folded into its parent like any
+        position): no standby has it, so before its next read the read path reads the
+        primary's current position (one read shared by the reads waiting for it) and
+        ``settle_unknown()``s with it, or, when the primary cannot say, reads on the
+        primary. Never a stale read.
+        """
+        self.unknown_writes += 1
+        cell = self.current()
+        if cell is None:
+            return
+        now = time.monotonic()
+        if cell.task is None:  # sync code: done at once (see current())
+            self._done_pos = UNKNOWN_POS
+            self._done_write = max(self._done_write, now)
+        else:
+            self._raise(cell, UNKNOWN_POS, UNKNOWN_POS, now)
+
+    def settle_unknown(self, cell: Cell, lsn: int, epoch: int, timeline: int | None = None) -> None:
+        """Replace an unknown position by ``lsn``, the primary's, read once ``epoch`` held.
+
+        ``epoch`` is ``unknown_writes`` when that read started: it covers every write
+        acknowledged without a position before then. What finished top-level tasks left
+        unknown is settled only when no such write came after the read started.
+        """
+        pos = position(timeline, lsn)
+        if cell.pos == UNKNOWN_POS:
+            cell.pos = pos
+        if cell.wrote == UNKNOWN_POS:
+            cell.wrote = pos
+        if self._done_pos == UNKNOWN_POS and epoch == self.unknown_writes:
+            self._done_pos = pos
 
     # ------------------------------------------------------------------ vetting
 

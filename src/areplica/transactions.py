@@ -62,6 +62,9 @@ class Binding:
     broken: bool = False
     exclusive: object | None = None
     released: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The pool the connection came from: it goes back there even if the node's pool was
+    #: replaced meanwhile (an eviction), or it would be lost unclosed.
+    pool: Any = None
 
     def allows(self) -> bool:
         """True when the current task may use the connection now."""
@@ -210,7 +213,7 @@ class Transactions:
             token = None
         else:
             node, conn = await self._writes.primary_connection()
-            binding = Binding(node, conn, transaction=True)
+            binding = Binding(node, conn, transaction=True, pool=node.pool)
             token = _BOUND.set(MappingProxyType({**_BOUND.get(), self._key: binding}))
         try:
             await self.run_bound(binding, "BEGIN", None, None)
@@ -239,7 +242,8 @@ class Transactions:
     def _unbind(self, binding: Binding, token: Any) -> None:
         binding.active = False
         _BOUND.reset(token)
-        binding.node.pool.release(binding.conn, discard=binding.broken)
+        pool = binding.pool if binding.pool is not None else binding.node.pool
+        pool.release(binding.conn, discard=binding.broken)
 
     @contextlib.asynccontextmanager
     async def _savepoint(self, binding: Binding) -> AsyncIterator[None]:
@@ -304,7 +308,7 @@ class Transactions:
             yield outer.conn
             return
         node, conn = await self._writes.primary_connection()
-        binding = Binding(node, conn, transaction=False)
+        binding = Binding(node, conn, transaction=False, pool=node.pool)
         token = _BOUND.set(MappingProxyType({**_BOUND.get(), self._key: binding}))
         try:
             yield conn
@@ -374,5 +378,20 @@ class Transactions:
         if self._core.options.consistency != "causal":
             self._sessions.note_write(None)
             return
-        row = await self.run_bound(binding, WAL_POSITION_SQL, None, fetchone_raw)
+        try:
+            row = await self.run_bound(binding, WAL_POSITION_SQL, None, fetchone_raw)
+        except Exception as exc:
+            # COMMIT was answered: the transaction is applied. Its position is unknown:
+            # the session's next reads need the primary's current position.
+            binding.broken = True
+            self._core.counters.unknown_positions += 1
+            self._sessions.note_unknown_write()
+            logger.warning(
+                "%s: a transaction on %s committed, but reading its WAL position failed "
+                "(%s): acknowledged; the session's next reads need the primary's position",
+                self._core.name,
+                binding.node.name,
+                type(exc).__name__,
+            )
+            return
         self._sessions.note_write(token_position(parse_lsn(row[0])), binding.node.timeline)
