@@ -649,7 +649,11 @@ class ReplicaManager(QueryAPI):
 
     @property
     def lost_tokens(self) -> int:
-        """Tokens whose write a failover lost, satisfied at their timeline's branch point."""
+        """Causal positions (tokens, or a session's own writes) a failover lost.
+
+        Past their timeline's branch point: the write went to a primary that was replaced
+        (a fork: it went on acknowledging writes); the reads require what survived.
+        """
         return self._core.counters.lost_tokens
 
     @property

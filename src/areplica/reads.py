@@ -237,8 +237,11 @@ class ReadPath:
         tried: set[Node] = set()
         attempt = 0
         session = self._sessions.current()
-        if session is not None and session.external:
-            await self._sessions.vet(session, self.current_positions, self._learn)
+        if session is not None and session.pos:
+            if session.external:
+                await self._sessions.vet(session, self.current_positions, self._learn)
+            else:
+                self._sessions.check_history(session)  # written before a failover?
         if self._sessions.required(session) == UNKNOWN_LSN and session is not None:
             if not await self._settle_unknown(session) and route is None:
                 route = Route("primary")  # the primary cannot say where it is: read there
@@ -246,6 +249,9 @@ class ReadPath:
             node, nodes = await self._choose(
                 route, tried, max_staleness, session, catch_up_until, call_deadline
             )
+            if session is not None and (node.timeline or 0) > session.pos >> 64 > 0:
+                # A failover was seen while this read waited: judged on the new history.
+                self._sessions.check_history(session)
             held: NodePool | None = None
             try:
                 if node.pool.saturated and len(nodes) > 1:

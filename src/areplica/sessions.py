@@ -447,21 +447,40 @@ class Sessions:
         self._highest_lsn = max(self._highest_lsn, known)
         return lsn <= self._highest_lsn
 
+    def check_history(self, cell: Cell) -> None:
+        """A position of the cell's own on an older timeline than the primary's: judged.
+
+        The cell's own writes (or those it awaited) went to a primary that has since been
+        replaced; those past the point where the new primary's history left that timeline
+        were lost in the failover (a fork: the old primary went on acknowledging writes).
+        Counted and logged like a lost token, and the reads require what survived.
+        """
+        timeline = cell.pos >> 64
+        if not timeline:
+            return
+        primary = self._core.cluster.primary
+        current = primary.timeline if primary is not None else None
+        if current and timeline < current:
+            self._judge_older(cell, timeline, cell.pos & LSN_MASK)
+
     def _judge_older(self, cell: Cell, timeline: int, lsn: int) -> None:
-        """A token of an ancestor timeline: what of it the primary's history kept."""
+        """A position of an ancestor timeline: what of it the primary's history kept."""
         monitor = self._core.monitor
         history = monitor.history if monitor is not None else None
         kept = history.surviving(timeline, lsn) if history is not None else None
         if kept is None or kept >= lsn:
             return  # on the primary's history (or unknowable): it stands
-        cell.pos = max(position(timeline, kept), cell.wrote)
+        # Whatever else the cell wrote is at or below this position on this timeline (a
+        # later write on the new timeline would be the cell's position): lost as well.
+        cell.pos = position(timeline, kept)
         self._core.counters.lost_tokens += 1
         self.warn_once(
             cell.client,
             "lost",
-            f"a causal token of timeline {timeline} at {format_lsn(lsn)} is past where the "
-            f"primary's history left that timeline ({format_lsn(kept)}): its write was lost in "
-            "a failover; it is satisfied at that point",
+            f"a causal position (a token or a write of its own) of timeline {timeline} at "
+            f"{format_lsn(lsn)} is past where the primary's history left that timeline "
+            f"({format_lsn(kept)}): its write was lost in a failover; it is satisfied at "
+            "that point",
         )
 
     async def _judge_beyond(

@@ -249,10 +249,25 @@ def service_user() -> pwd.struct_passwd:
         f"running as root without a {candidates[0]!r} user: created the system user {name!r} "
         f"to run PostgreSQL (remove it with: userdel {name})"
     )
-    log.info("%s", message)
-    # Once per machine (the user exists afterwards), and seen even with logging unset.
-    print(f"areplica: {message}", file=sys.stderr, flush=True)
+    # Once per machine (the user exists afterwards), and seen even with logging unset: one
+    # line, through logging where a handler shows it, else on stderr.
+    if log.isEnabledFor(logging.INFO) and _has_handler(log):
+        log.info("%s", message)
+    else:
+        print(f"areplica: {message}", file=sys.stderr, flush=True)
     return _unprivileged(entry)
+
+
+def _has_handler(logger: logging.Logger) -> bool:
+    """Whether a record of ``logger`` reaches a configured handler (not ``lastResort``)."""
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.handlers:
+            return True
+        if not current.propagate:
+            return False
+        current = current.parent
+    return False
 
 
 def _unprivileged(entry: pwd.struct_passwd) -> pwd.struct_passwd:
