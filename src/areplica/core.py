@@ -20,7 +20,7 @@ from .health import HealthMonitor
 from .node import Node
 from .options import Options
 
-__all__ = ["Core", "Counters", "Lifecycle"]
+__all__ = ["Core", "Counters", "Lifecycle", "Timings"]
 
 
 class Lifecycle(enum.Enum):
@@ -50,6 +50,27 @@ class Counters:
     unknown_positions: int = 0
 
 
+@dataclass
+class Timings:
+    """Where the time of queries went, cumulative since the manager was built.
+
+    Seconds: waiting for a connection slot (reads and writes), for a replica to catch up
+    with a read's causal position, running reads (the query and its rows), running writes
+    (the statement and its rows), and waiting for the WAL position after a write commits
+    (``causal``). Counts: reads and writes that ran, and the position reads that covered
+    those writes (one covers every write committed before it started) (``mgr.timings()``).
+    """
+
+    slot_wait_s: float = 0.0
+    catch_up_s: float = 0.0
+    query_s: float = 0.0
+    write_s: float = 0.0
+    write_position_s: float = 0.0
+    reads: int = 0
+    writes: int = 0
+    position_reads: int = 0
+
+
 class Core:
     """What the query paths of one manager share (see the module docstring)."""
 
@@ -61,6 +82,7 @@ class Core:
         self.lifecycle = Lifecycle.NEW
         self.monitor: HealthMonitor | None = None
         self.counters = Counters()
+        self.timings = Timings()
         #: The peewee-async database object: compiles SQL and is handed to result fetches.
         self.database: Any = None
         #: How long a write waits for a primary while none is usable.

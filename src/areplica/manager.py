@@ -423,6 +423,7 @@ class ReplicaManager(QueryAPI):
             await self._engine.reads.close()  # replay pollers: they hold pooled connections
             grace = self.options.close_timeout
             await asyncio.gather(*(node.pool.close(grace) for node in self._cluster))
+            await self._engine.writes.close()  # write-position readers, after the drain
             if monitor is not None:
                 await monitor.stop()  # probe connections last: cancels may use them
         finally:
@@ -655,6 +656,18 @@ class ReplicaManager(QueryAPI):
         (a fork: it went on acknowledging writes); the reads require what survived.
         """
         return self._core.counters.lost_tokens
+
+    def timings(self) -> dict[str, float]:
+        """Where the time of this manager's queries went, cumulative since it was built.
+
+        Seconds: ``slot_wait_s`` (waiting for a pool connection), ``catch_up_s`` (reads
+        waiting for a replica to reach their causal position), ``query_s`` (reads running),
+        ``write_s`` (writes running), ``write_position_s`` (writes waiting for the WAL
+        position that covers their commit, ``causal``); counts: ``reads``, ``writes``,
+        ``position_reads`` (one covers every write committed before it started). Take
+        two snapshots and subtract to profile a load.
+        """
+        return dict(vars(self._core.timings))
 
     @property
     def unknown_positions(self) -> int:

@@ -340,13 +340,17 @@ class NodePool:
 
     # ------------------------------------------------------------------ acquiring
 
-    async def acquire(self, *, slot_taken: bool = False, deadline: float | None = None) -> Any:
+    async def acquire(
+        self, *, slot_taken: bool = False, deadline: float | None = None, first: bool = False
+    ) -> Any:
         """A connection, reused or opened now; raises on a dead server.
 
         ``deadline`` (loop time) bounds every wait for it, a slot and a connect alike
         (``PoolTimeoutError``, nothing sent); ``None``: ``wait_timeout`` from now.
         ``slot_taken``: the caller already holds a slot of this pool (``take_slot``); it
-        is the connection's slot from here on, and freed again if this raises.
+        is the connection's slot from here on, and freed again if this raises. ``first``:
+        wait at the head of the queue (work that others wait on: a write position, a
+        replay poll).
         """
         loop = asyncio.get_running_loop()
         if deadline is None and self.wait_timeout is not None:
@@ -358,7 +362,7 @@ class NodePool:
                         f"node {self.name!r}: pool is closed", node=self.name
                     )
                 wait = None if deadline is None else max(0.0, deadline - loop.time())
-                if await take_slot((self,), wait) is None:
+                if await take_slot((self,), wait, first=first) is None:
                     raise self._timed_out(deadline, loop.time())
             slot_taken = False
             try:
@@ -823,7 +827,9 @@ class NodePool:
         return not self._in_use
 
 
-async def take_slot(pools: Sequence[NodePool], wait: float | None) -> NodePool | None:
+async def take_slot(
+    pools: Sequence[NodePool], wait: float | None, *, first: bool = False
+) -> NodePool | None:
     """A slot of the first of ``pools`` to have one, held by the caller; None after ``wait``.
 
     Waiters queue in each pool first come first served, and a freed slot is handed to one
@@ -831,7 +837,7 @@ async def take_slot(pools: Sequence[NodePool], wait: float | None) -> NodePool |
     created and no timer cancels the caller (the timer only answers the wait with None):
     the caller's own cancel propagates, and a slot handed to it meanwhile goes back. A
     pool closed during the wait is returned too; its slot is not usable
-    (``acquire(slot_taken=True)`` raises and frees it).
+    (``acquire(slot_taken=True)`` raises and frees it). ``first``: ahead of every waiter.
     """
     for pool in pools:
         if pool._free > 0:
@@ -840,7 +846,10 @@ async def take_slot(pools: Sequence[NodePool], wait: float | None) -> NodePool |
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future[NodePool | None] = loop.create_future()
     for pool in pools:
-        pool._waiters.append(waiter)
+        if first:
+            pool._waiters.appendleft(waiter)
+        else:
+            pool._waiters.append(waiter)
     timer = None if wait is None else loop.call_later(wait, _expire, waiter)
     try:
         return await waiter

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from time import perf_counter
 from typing import Any, cast
 
 import peewee
@@ -96,21 +97,34 @@ class ReadPath:
         spill: bool = True,
     ) -> list[Node]:
         """The nodes that may serve a read now; those with a free connection when ``spill``."""
-        out = [
-            node
-            for node in self._core.cluster.readers()
-            if _serves(node, exclude, max_staleness, min_lsn)
-        ]
-        primary = self._core.cluster.primary
-        if with_primary and self._core.options.primary_weight > 0 and primary is not None:
-            if primary.state == "up" and not primary.paused and primary not in exclude:
+        # The hot path of every read: plain loops, no generators (benchmarks/versus.py).
+        out = []
+        for node in self._core.cluster.readers():
+            if node.state != "up" or node.paused or node.weight <= 0 or node in exclude:
+                continue
+            if max_staleness is not None and (
+                node.lag_seconds is None or node.lag_seconds > max_staleness
+            ):
+                continue
+            if min_lsn is not None and (node.lsn is None or node.lsn < min_lsn):
+                continue
+            out.append(node)
+        if with_primary and self._core.options.primary_weight > 0:
+            primary = self._core.cluster.primary
+            if (
+                primary is not None
+                and primary.state == "up"
+                and not primary.paused
+                and primary not in exclude
+            ):
                 out.append(primary)  # one more reader, always caught up, at primary_weight
-        if spill and len(out) > 1 and any(node.pool.saturated for node in out):
-            # A node whose every connection is taken (load, or queries stuck on a hung
-            # server) makes a read wait; spill to one with room when there is one.
-            free = [node for node in out if not node.pool.saturated]
-            if free:
-                return free
+        if spill and len(out) > 1:
+            for node in out:
+                if node.pool.saturated:
+                    # A node whose every connection is taken (load, or queries stuck on a
+                    # hung server) makes a read wait; spill to one with room if there is.
+                    free = [node for node in out if not node.pool.saturated]
+                    return free or out
         return out
 
     def target(
@@ -144,9 +158,11 @@ class ReadPath:
             return [self.readable_primary()]
         if route is not None and route.name is not None:
             return [self._named(route.name, exclude)]
-        if route is None and self._sessions.sticky(session):
-            return [self.readable_primary()]
-        min_lsn = self._sessions.required(session)
+        min_lsn = None
+        if session is not None:
+            if route is None and self._sessions.sticky(session):
+                return [self.readable_primary()]
+            min_lsn = self._sessions.required(session)
         eligible = self.eligible(exclude, max_staleness, min_lsn, with_primary=route is None)
         if eligible:
             return eligible
@@ -321,7 +337,11 @@ class ReadPath:
             left = until - asyncio.get_running_loop().time()
             node = None
             if left > 0:
-                node = await self._catch_up(wait.nodes, wait.lsn, left)
+                started = perf_counter()
+                try:
+                    node = await self._catch_up(wait.nodes, wait.lsn, left)
+                finally:
+                    self._core.timings.catch_up_s += perf_counter() - started
             node = node or self.fallback(route)
             return node, [node]
 
@@ -365,7 +385,11 @@ class ReadPath:
         remaining = None
         if deadline is not None:
             remaining = max(0.0, deadline - asyncio.get_running_loop().time())
-        held = await take_slot(tuple(pools), remaining)
+        started = perf_counter()
+        try:
+            held = await take_slot(tuple(pools), remaining)
+        finally:
+            self._core.timings.slot_wait_s += perf_counter() - started
         if held is None:
             names = ", ".join(repr(node.name) for node in nodes)
             raise PoolTimeoutError(
@@ -424,7 +448,7 @@ class ReadPath:
                 await settling[1]
 
     async def _replay_position(self, node: Node) -> int:
-        row = await self.run_read(node, _REPLAY_SQL, None, fetchone_raw, count=False)
+        row = await self.run_read(node, _REPLAY_SQL, None, fetchone_raw, count=False, first=True)
         position = parse_lsn(row[0])
         if node.lsn is None or position > node.lsn:
             node.lsn = position
@@ -476,8 +500,13 @@ class ReadPath:
         held: NodePool | None = None,
         deadline: float | None = None,
         limit: float | object | None = _DEFAULT,
+        first: bool = False,
     ) -> Any:
         """Run a read on ``node``; ``held``: a slot of its pool the caller already took.
+
+        ``count``: a read of the caller's (counted, timed), not one of areplica's own (a
+        replay poll). ``first``: wait for a connection at the head of the queue (reads the
+        queue itself waits on).
 
         ``deadline`` (loop time) bounds the wait for a connection (``pool_timeout`` from
         now by default); ``limit`` the query (``read_timeout`` by default). The query runs
@@ -486,13 +515,18 @@ class ReadPath:
         disposal go on in the background, the connection's slot taken until they end.
         """
         core = self._core
+        timings = core.timings
         node.in_flight += 1
         pool = node.pool if held is None else held
+        started = perf_counter()
         try:
-            conn = await pool.acquire(slot_taken=held is not None, deadline=deadline)
+            conn = await pool.acquire(slot_taken=held is not None, deadline=deadline, first=first)
         except BaseException:
             node.done()
             raise
+        finally:
+            acquired = perf_counter()
+            timings.slot_wait_s += acquired - started
         read_timeout = cast(
             "float | None", core.options.read_timeout if limit is _DEFAULT else limit
         )
@@ -507,8 +541,12 @@ class ReadPath:
                 node=node.name,
                 timeout=read_timeout,
             ) from exc
+        finally:
+            if count:
+                timings.query_s += perf_counter() - acquired
         if count:
             node.reads += 1
+            timings.reads += 1
         return result
 
     async def _query(
@@ -518,14 +556,3 @@ class ReadPath:
             async with conn.cursor() as cursor:
                 await cursor.execute(sql, params or ())
                 return await fetch(self._core.database, cursor) if fetch else None
-
-
-def _serves(
-    node: Node, exclude: Iterable[Node], max_staleness: float | None, min_lsn: int | None
-) -> bool:
-    """Whether a standby may serve a read with these limits now."""
-    if node.state != "up" or node in exclude or node.weight <= 0 or node.paused:
-        return False
-    if max_staleness is not None and (node.lag_seconds is None or node.lag_seconds > max_staleness):
-        return False
-    return min_lsn is None or (node.lsn is not None and node.lsn >= min_lsn)

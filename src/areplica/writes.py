@@ -20,8 +20,10 @@ session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
+from time import perf_counter
 from typing import Any
 
 import peewee
@@ -33,7 +35,7 @@ from .node import Node
 from .results import FetchResults
 from .sessions import Sessions
 
-__all__ = ["WritePath"]
+__all__ = ["Positions", "WritePath"]
 
 logger = logging.getLogger("areplica")
 
@@ -44,6 +46,7 @@ class WritePath:
     def __init__(self, core: Core, sessions: Sessions) -> None:
         self._core = core
         self._sessions = sessions
+        self.positions = Positions(core)
 
     async def primary_connection(self, until: float | None = None) -> tuple[Node, Any]:
         """The primary and a connection to it, for a write or a transaction.
@@ -152,49 +155,88 @@ class WritePath:
         """Run one write on the primary (autocommit) and record its causal token.
 
         ``timeout`` bounds the wait for a connection only: a write once sent is never cut
-        short by areplica (its outcome would be unknown).
+        short by areplica (its outcome would be unknown). The connection goes back as soon
+        as the statement and its results are done; the position covering the commit is
+        then read by ``Positions`` (one read covers every write committed before it).
         """
         core = self._core
+        timings = core.timings
         until = None if timeout is None else asyncio.get_running_loop().time() + timeout
-        node, conn = await self.primary_connection(until)
+        started = perf_counter()
+        try:
+            node, conn = await self.primary_connection(until)
+        finally:
+            acquired = perf_counter()
+            timings.slot_wait_s += acquired - started
         pool = node.pool  # the connection goes back where it came from, evicted or not
+        timeline = node.timeline
         discard = True
-        committed = False
+        sent = committed = False
         result: Any = None
         fetch_error: Exception | None = None
+        after_commit: Exception | None = None
+        causal = core.options.consistency == "causal"
+        lsn: int | None = None
         node.in_flight += 1
         try:
             with peewee.__exception_wrapper__:  # type: ignore[attr-defined]
                 async with conn.cursor() as cursor:
+                    sent = True
                     await cursor.execute(sql, params or ())
                     # The statement ran (autocommit: it committed). Whatever the result
                     # handling does next, the session's token must cover it.
                     committed = True
                     result, fetch_error = await _fetch_guarded(core.database, cursor, fetch)
-                    lsn = await self._position(cursor)
-                node.writes += 1
-                self._sessions.note_write(lsn, node.timeline)
-                if fetch_error is not None:
-                    raise fetch_error  # inside the wrapper: peewee's error types, as before
-            discard = False
-            return result
+                    if pool.closed and causal:
+                        # Closing: no new connection for a position read; read it here.
+                        lsn = await _read_position(cursor)
+            discard = fetch_error is not None and core.driver.is_disconnect(fetch_error)
         except Exception as exc:
-            if not committed or exc is fetch_error:
+            if not committed:
                 discard = self._failed(node, exc)
                 raise
-            # Committed, but the position after it could not be read (a fast shutdown
-            # between the two, say): acknowledged; its session's reads require the
-            # primary's position from now on.
-            discard = True
-            node.writes += 1
-            self._unknown_position(node, exc)
-            if fetch_error is not None:
-                with peewee.__exception_wrapper__:  # type: ignore[attr-defined]
-                    raise fetch_error from None
-            return result
+            after_commit = exc  # closing the cursor failed: committed all the same
+        except asyncio.CancelledError:
+            # Cancelled once the statement was sent: it may have committed (or did). The
+            # session's next reads then need the primary's current position.
+            if sent:
+                core.counters.unknown_positions += 1
+                self._sessions.note_unknown_write()
+            raise
         finally:
             node.done()
             pool.release(conn, discard=discard)
+            timings.write_s += perf_counter() - acquired
+        node.writes += 1
+        timings.writes += 1
+        if after_commit is not None:
+            self._unknown_position(node, after_commit)
+        elif lsn is not None or not causal:
+            self._sessions.note_write(lsn, timeline)
+        else:
+            await self._record(node, timeline)
+        if fetch_error is not None:
+            self._failed(node, fetch_error)  # raises NoPrimaryError on a broken connection
+            with peewee.__exception_wrapper__:  # type: ignore[attr-defined]
+                raise fetch_error  # peewee's error types, as before
+        return result
+
+    async def _record(self, node: Node, timeline: int | None) -> None:
+        """Note the committed write in the session with the position covering it."""
+        started = perf_counter()
+        try:
+            lsn = await self.positions.after_commit(node)
+        except asyncio.CancelledError:
+            # Cancelled after the commit: the write stands, its position is unknown.
+            self._core.counters.unknown_positions += 1
+            self._sessions.note_unknown_write()
+            raise
+        except Exception as exc:
+            self._unknown_position(node, exc)
+            return
+        finally:
+            self._core.timings.write_position_s += perf_counter() - started
+        self._sessions.note_write(lsn, timeline)
 
     def _unknown_position(self, node: Node, exc: Exception) -> None:
         core = self._core
@@ -211,18 +253,9 @@ class WritePath:
             type(exc).__name__,
         )
 
-    async def _position(self, cursor: Any) -> int | None:
-        """The WAL position covering the write just committed (``causal`` only).
-
-        A second statement, after the write's own (autocommit) transaction ended: the
-        position then covers its commit record. psycopg's pipeline mode could send both at
-        once but was measured slower here (see benchmarks/README.md), so both drivers do this.
-        """
-        if self._core.options.consistency != "causal":
-            return None
-        await cursor.execute(WAL_POSITION_SQL)
-        row = await cursor.fetchone()
-        return token_position(parse_lsn(row[0]))
+    async def close(self) -> None:
+        """Stop the position readers (the manager is closing)."""
+        await self.positions.close()
 
     def _failed(self, node: Node, exc: Exception) -> bool:
         """Translate a failed write's error (raises); False when the connection is reusable."""
@@ -264,3 +297,96 @@ async def _fetch_guarded(
         return await fetch(database, cursor), None
     except Exception as exc:
         return None, exc
+
+
+class Positions:
+    """The primary's WAL position after commits, one read for every write waiting on it.
+
+    A write committed, its connection given back, waits for the position that covers its
+    commit: the result of a read of ``pg_current_wal_insert_lsn()`` *started after* the
+    commit was acknowledged (then it covers the commit record). Writes that commit while
+    one such read is in flight wait for the next, so each read covers every write that
+    committed before it started. One reader task per node reads as long as writes wait,
+    on a pool connection taken ahead of the queue (a write's connection is back by then,
+    so this never waits behind the writes it serves). A failed read fails every write of
+    its batch over to an unknown position (``WritePath._unknown_position``).
+    """
+
+    def __init__(self, core: Core) -> None:
+        self._core = core
+        self._next: dict[Node, asyncio.Future[int]] = {}
+        self._readers: dict[Node, asyncio.Task[None]] = {}
+
+    async def after_commit(self, node: Node) -> int:
+        """The position covering a write on ``node`` committed before this call."""
+        loop = asyncio.get_running_loop()
+        future = self._next.get(node)
+        if future is None:
+            future = loop.create_future()
+            future.add_done_callback(_retrieve)
+            self._next[node] = future
+        reader = self._readers.get(node)
+        if reader is None or reader.done():
+            self._readers[node] = loop.create_task(
+                self._serve(node), name=f"{node.name}-write-positions"
+            )
+        return await asyncio.shield(future)
+
+    async def _serve(self, node: Node) -> None:
+        while (future := self._next.pop(node, None)) is not None:
+            try:
+                lsn = await self._read(node)
+            except BaseException as exc:
+                if not future.done():
+                    future.set_exception(
+                        self._core.not_open() if isinstance(exc, asyncio.CancelledError) else exc
+                    )
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            else:
+                if not future.done():
+                    future.set_result(lsn)
+
+    async def _read(self, node: Node) -> int:
+        """The primary's insert position now, on a connection of its pool."""
+        pool = node.pool
+        deadline = None
+        if node.pool_timeout is not None:
+            deadline = asyncio.get_running_loop().time() + node.pool_timeout
+        conn = await pool.acquire(deadline=deadline, first=True)
+        self._core.timings.position_reads += 1
+        discard = True
+        try:
+            async with conn.cursor() as cursor:
+                lsn = await _read_position(cursor)
+            discard = False
+        finally:
+            pool.release(conn, discard=discard)
+        return lsn
+
+    async def close(self) -> None:
+        """Stop the readers; a write still waiting sees its position unknown."""
+        readers = list(self._readers.values())
+        self._readers.clear()
+        for reader in readers:
+            reader.cancel()
+        for reader in readers:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+        for future in self._next.values():
+            if not future.done():
+                future.set_exception(self._core.not_open())
+        self._next.clear()
+
+
+async def _read_position(cursor: Any) -> int:
+    """The primary's insert position, read on ``cursor`` (after a commit: it covers it)."""
+    await cursor.execute(WAL_POSITION_SQL)
+    row = await cursor.fetchone()
+    return token_position(parse_lsn(row[0]))
+
+
+def _retrieve(future: asyncio.Future[int]) -> None:
+    """Mark a batch's error retrieved: its writers may all be gone (cancelled)."""
+    if not future.cancelled():
+        future.exception()

@@ -25,7 +25,7 @@ from areplica.testing.daemon import find_program
 from areplica.testing.haproxy import LoadBalancer, find_executable
 from areplica.testing.pgbouncer import PgBouncer
 from areplica.testing.topology import LocalTopology
-from areplica.writes import WritePath
+from areplica.writes import Positions
 from tests.conftest import DRIVERS, wait_for
 
 pytestmark = [
@@ -340,15 +340,15 @@ async def test_a_committed_write_whose_position_is_lost_is_acknowledged(
             **FAST,
         )
         async with opened(mgr):
-            original = WritePath._position
+            original = Positions._read
 
-            async def lost(self: WritePath, cursor: Any) -> int | None:
+            async def lost(self: Positions, node: Any) -> int:
                 raise peewee.OperationalError("server closed the connection unexpectedly")
 
-            monkeypatch.setattr(WritePath, "_position", lost)
+            monkeypatch.setattr(Positions, "_read", lost)
             tag = f"unknown-{driver}"
             assert await mgr.execute_sql("INSERT INTO pooled (tag) VALUES (%s)", [tag]) is None
-            monkeypatch.setattr(WritePath, "_position", original)
+            monkeypatch.setattr(Positions, "_read", original)
             assert mgr.unknown_positions == 1
             rows = await mgr.execute_sql(
                 "SELECT (SELECT count(*) FROM pooled WHERE tag = %s), inet_server_port()", [tag]
