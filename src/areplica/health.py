@@ -325,18 +325,7 @@ class ProbeConnection:
         """The text of timeline ``timeline``'s history file on this node (its primary)."""
         if self._busy():
             raise asyncio.TimeoutError("its probe connection is still waiting for an answer")
-        async with _timeout(timeout), self._lock:
-            try:
-                driver = self.node.driver
-                if self._conn is None or driver.is_closed(self._conn):
-                    await self.close()
-                    self._conn = await driver.connect(self.node.dsn.conninfo, timeout)
-                async with self._conn.cursor() as cursor:
-                    await cursor.execute(HISTORY_SQL, (timeline,))
-                    row = await cursor.fetchone()
-            except BaseException:
-                await asyncio.shield(self.close())
-                raise
+        row = await self._on_probe(timeout, HISTORY_SQL, (timeline,))
         return str(row[0])
 
     async def cancel_backend(self, pid: int, timeout: float) -> None:
@@ -348,23 +337,23 @@ class ProbeConnection:
         """
         if self.node.state == "down" or self._busy():
             return  # its pool was dropped already; a hung server would only make us wait
-        async with _timeout(timeout), self._lock:
-            try:
-                driver = self.node.driver
-                if self._conn is None or driver.is_closed(self._conn):
-                    await self.close()
-                    self._conn = await driver.connect(self.node.dsn.conninfo, timeout)
-                async with self._conn.cursor() as cursor:
-                    await cursor.execute("SELECT pg_cancel_backend(%s)", (pid,))
-                    await cursor.fetchone()
-            except BaseException:
-                await asyncio.shield(self.close())
-                raise
+        await self._on_probe(timeout, "SELECT pg_cancel_backend(%s)", (pid,))
 
     async def wait_gone(self, pid: int, timeout: float) -> None:
         """Wait until backend ``pid`` has left ``pg_stat_activity`` (it exits after a close)."""
         if self.node.state == "down" or self._busy():
             return
+        sql = "SELECT 1 FROM pg_stat_activity WHERE pid = %s"
+        await self._on_probe(timeout, sql, (pid,), until_none=True)
+
+    async def _on_probe(
+        self, timeout: float, sql: str, params: tuple[Any, ...], *, until_none: bool = False
+    ) -> Any:
+        """One row of ``sql`` on the probe connection (opened if needed), within ``timeout``.
+
+        ``until_none``: run it again (backing off) until it returns no row. Any failure
+        closes the probe connection (a probe opens a new one).
+        """
         async with _timeout(timeout), self._lock:
             try:
                 driver = self.node.driver
@@ -374,11 +363,10 @@ class ProbeConnection:
                 delay = 0.001
                 while True:
                     async with self._conn.cursor() as cursor:
-                        await cursor.execute(
-                            "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)
-                        )
-                        if await cursor.fetchone() is None:
-                            return
+                        await cursor.execute(sql, params)
+                        row = await cursor.fetchone()
+                    if not until_none or row is None:
+                        return row
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 0.02)
             except BaseException:
