@@ -428,7 +428,14 @@ class Sessions:
         if self._known(timeline, lsn):
             cell.external = False
             return
-        if not await learn(self._core.options.causal_wait):
+        options = self._core.options
+        wait = options.causal_wait
+        primary = self._core.cluster.primary
+        if primary is None or primary.state != "up":
+            # No primary answers: the read cannot go there, so it waits for the round (one
+            # health_timeout at most) rather than fail for want of a judgement.
+            wait = max(wait, options.health_timeout)
+        if not await learn(wait):
             return  # kept as is for this read: never a stale read on stale knowledge
         cell.external = False
         primary = self._core.cluster.primary

@@ -817,6 +817,12 @@ async def test_tls_with_a_private_ca(serve: Any, certs: Certs) -> None:
             await src.close()
 
 
+# Python 3.10's asyncio SSL layer leaves the transport of a handshake the server refuses
+# (no client certificate) unclosed: a ResourceWarning from its __del__, which 3.11's rewrite
+# of that layer no longer gives. Only that warning is let through, on any version.
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in.*_SSLProtocolTransport:pytest.PytestUnraisableExceptionWarning"
+)
 async def test_tls_with_a_client_certificate(
     serve: Any, certs: Certs, caplog: pytest.LogCaptureFixture
 ) -> None:
