@@ -37,7 +37,9 @@ Per manager, label ``manager``: ``areplica_retried_reads_total`` (reads retried 
 node), ``areplica_fallback_reads_total`` (reads the primary served because no replica
 could), ``areplica_caught_up_reads_total`` (reads that waited for a replica to reach a causal
 token), ``areplica_clamped_tokens_total`` and ``areplica_lost_tokens_total`` (tokens from
-outside clamped as forged, or whose write a failover lost).
+outside clamped as forged, or positions whose write a failover lost), and
+``areplica_unknown_positions_total`` (writes acknowledged whose WAL position could not be
+read).
 
 A gauge whose value is unknown (lag before the first probe, lag of the primary) has no
 sample. The ``role`` label follows the node: after a promotion its series change labels.
@@ -102,8 +104,14 @@ _MANAGER_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ),
     (
         "areplica_lost_tokens",
-        "Tokens whose write a failover lost (satisfied at their timeline's branch point).",
+        "Causal positions (tokens or own writes) a failover lost (past their branch point).",
         "lost_tokens",
+    ),
+    (
+        "areplica_unknown_positions",
+        "Writes acknowledged whose WAL position could not be read (the session reads after "
+        "the primary's current one).",
+        "unknown_positions",
     ),
 )
 

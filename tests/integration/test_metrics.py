@@ -130,7 +130,12 @@ async def test_scrape_matches_what_the_servers_did(
     assert errors == {n: float(status[n].errors) for n in topology.nodes}
     assert by_node(samples, "areplica_evictions_total") == {n: 0.0 for n in topology.nodes}
     # Manager counters: nothing fell back to the primary or was retried.
-    for name in ("areplica_fallback_reads_total", "areplica_retried_reads_total"):
+    for name in (
+        "areplica_fallback_reads_total",
+        "areplica_retried_reads_total",
+        "areplica_unknown_positions_total",
+        "areplica_lost_tokens_total",
+    ):
         assert [(s.labels, s.value) for s in samples[name]] == [({"manager": "metrics-test"}, 0.0)]
 
     # Scrapes read the counters live: more reads show up in the next scrape.
