@@ -30,11 +30,27 @@ def tests_embedded(session: nox.Session) -> None:
     )
 
 
+#: Suites that exercise processes and proxies rather than the interpreter: CI runs them
+#: once (the README's test command), not once per Python.
+ONCE = (
+    "tests/integration/test_poolers.py",
+    "tests/integration/test_pgbouncer.py",
+    "tests/integration/test_load_balancer.py",
+    "tests/integration/test_proxy_link.py",
+    "tests/integration/test_running_as_root.py",
+)
+
+
 @nox.session(name="integration", python=["3.10", "3.13"])
 def integration(session: nox.Session) -> None:
-    """The integration and fault tests on the oldest and newest supported Pythons."""
+    """The integration tests on the oldest and newest supported Pythons.
+
+    The fault suite and the process/proxy suites (``ONCE``) run once, in the README's test
+    command on the default Python.
+    """
     session.install("-e", ".[test]")
-    session.run("python", "-m", "pytest", "-m", "integration or faults", *session.posargs)
+    ignored = [f"--ignore={path}" for path in ONCE]
+    session.run("python", "-m", "pytest", "-m", "integration", *ignored, *session.posargs)
 
 
 @nox.session(python=["3.12"])
