@@ -26,6 +26,7 @@ from typing import Any
 import aiopg
 import psycopg2
 
+from areplica.consistency import format_lsn, parse_lsn, token_position
 from areplica.testing import LocalTopology
 
 from .common import Context, median, percentile, ratio, rnd
@@ -120,8 +121,12 @@ def _delivery(topo: LocalTopology, count: int, delays: dict[str, float]) -> dict
                     time.sleep(0.005)  # the stream is idle: the new delay holds from now
                     write.execute(f"INSERT INTO {PROBE_TABLE} DEFAULT VALUES")
                     began = time.perf_counter()
-                    write.execute("SELECT pg_current_wal_insert_lsn()")
-                    lsn = write.fetchone()[0]  # type: ignore[index]
+                    write.execute("SELECT pg_current_wal_insert_lsn()::text")
+                    # Where a replay that covers the commit ends: an insert position just
+                    # past a page header (the commit ended the page) is never reported
+                    # by a standby while the primary is idle.
+                    inserted = write.fetchone()[0]  # type: ignore[index]
+                    lsn = format_lsn(token_position(parse_lsn(inserted)))
                     while True:
                         poll.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,))
                         if poll.fetchone()[0]:  # type: ignore[index]
