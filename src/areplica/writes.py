@@ -156,8 +156,9 @@ class WritePath:
 
         ``timeout`` bounds the wait for a connection only: a write once sent is never cut
         short by areplica (its outcome would be unknown). The connection goes back as soon
-        as the statement and its results are done; the position covering the commit is
-        then read by ``Positions`` (one read covers every write committed before it).
+        as the statement and its results are done when other callers wait for one; the
+        position covering the commit is then read by ``Positions`` (one read covers every
+        write committed before it). Without contention it is read on the same connection.
         """
         core = self._core
         timings = core.timings
@@ -187,9 +188,13 @@ class WritePath:
                     # handling does next, the session's token must cover it.
                     committed = True
                     result, fetch_error = await _fetch_guarded(core.database, cursor, fetch)
-                    if pool.closed and causal:
-                        # Closing: no new connection for a position read; read it here.
+                    if causal and (pool.closed or not pool.saturated):
+                        # Nobody waits for this connection (or the pool is closing): the
+                        # position is read on it at once, which leaves the least time for
+                        # a crash between the commit and its position. Under contention
+                        # the connection goes back first and a shared read follows.
                         lsn = await _read_position(cursor)
+                        timings.position_reads += 1
             discard = fetch_error is not None and core.driver.is_disconnect(fetch_error)
         except Exception as exc:
             if not committed:

@@ -18,14 +18,19 @@ import peewee
 import psycopg2
 import pytest
 
-from areplica import NoPrimaryError, NoReplicaAvailableError, ReadTimeoutError, ReplicaManager
+from areplica import (
+    NoPrimaryError,
+    NoReplicaAvailableError,
+    ReadTimeoutError,
+    ReplicaManager,
+    writes,
+)
 from areplica.reads import ATTEMPT_BOUND
 from areplica.testing._support import run_sql
 from areplica.testing.daemon import find_program
 from areplica.testing.haproxy import LoadBalancer, find_executable
 from areplica.testing.pgbouncer import PgBouncer
 from areplica.testing.topology import LocalTopology
-from areplica.writes import Positions
 from tests.conftest import DRIVERS, wait_for
 
 pytestmark = [
@@ -340,15 +345,15 @@ async def test_a_committed_write_whose_position_is_lost_is_acknowledged(
             **FAST,
         )
         async with opened(mgr):
-            original = Positions._read
+            original = writes._read_position
 
-            async def lost(self: Positions, node: Any) -> int:
+            async def lost(cursor: Any) -> int:
                 raise peewee.OperationalError("server closed the connection unexpectedly")
 
-            monkeypatch.setattr(Positions, "_read", lost)
+            monkeypatch.setattr(writes, "_read_position", lost)
             tag = f"unknown-{driver}"
             assert await mgr.execute_sql("INSERT INTO pooled (tag) VALUES (%s)", [tag]) is None
-            monkeypatch.setattr(Positions, "_read", original)
+            monkeypatch.setattr(writes, "_read_position", original)
             assert mgr.unknown_positions == 1
             rows = await mgr.execute_sql(
                 "SELECT (SELECT count(*) FROM pooled WHERE tag = %s), inet_server_port()", [tag]

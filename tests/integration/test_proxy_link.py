@@ -256,12 +256,17 @@ def _sql(dsn: str, query: str, params: tuple[object, ...] = ()) -> list[tuple[ob
 
 
 def _replication_time(topo: LocalTopology, timeout: float = 10.0) -> float:
-    """Seconds from a commit on the primary to its replay on replica-1."""
+    """Seconds from sending a commit to the primary to its replay on replica-1.
+
+    The clock starts before the statement is sent: the WAL leaves for the standby before
+    the commit's answer is back, so a clock started after it could read less than the
+    link's delay (0.1993 s for a 0.2 s delay, once in CI).
+    """
+    began = time.monotonic()
     lsn = _sql(
         topo.direct_dsn("primary"),
         "INSERT INTO link_log DEFAULT VALUES RETURNING pg_current_wal_insert_lsn()::text",
     )[0][0]
-    began = time.monotonic()
     while not _replayed(topo, "replica-1", str(lsn)):
         if time.monotonic() - began > timeout:
             raise TimeoutError("not replayed")
