@@ -1,4 +1,5 @@
-"""Developer sessions: `nox -s tests lint typecheck integration demo bench soak`."""
+"""Developer sessions: `nox -s tests lint typecheck integration asyncio-shapes causality demo
+bench soak`."""
 
 from __future__ import annotations
 
@@ -41,16 +42,51 @@ ONCE = (
 )
 
 
-@nox.session(name="integration", python=["3.10", "3.13"])
+#: The suites where the interpreter's asyncio shows (task contexts, cancellation, wait_for,
+#: the frameworks, peewee-async's own behaviour): run on the oldest supported Python too.
+ASYNCIO_SHAPES = (
+    "tests/integration/test_causality.py",
+    "tests/integration/test_child_sessions.py",
+    "tests/integration/test_lifecycle.py",
+    "tests/integration/test_concurrency.py",
+    "tests/integration/test_consistency.py",
+    "tests/integration/test_frameworks.py",
+    "tests/integration/test_plugin.py",
+    "tests/integration/test_readme.py",
+    "tests/integration/test_peewee_async_parity.py",
+    "tests/integration/test_peewee_async_upstream.py",
+    "tests/integration/test_hostile_tokens.py",
+    "tests/integration/test_routing.py",
+)
+
+
+@nox.session(name="integration", python=["3.13"])
 def integration(session: nox.Session) -> None:
-    """The integration tests on the oldest and newest supported Pythons.
+    """The integration tests on the newest supported Python and the embedded wheel's
+    PostgreSQL 18 (the fresh-machine path).
 
     The fault suite and the process/proxy suites (``ONCE``) run once, in the README's test
-    command on the default Python.
+    command on the default Python and the system's PostgreSQL.
     """
     session.install("-e", ".[test]")
     ignored = [f"--ignore={path}" for path in ONCE]
-    session.run("python", "-m", "pytest", "-m", "integration", *ignored, *session.posargs)
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "-m",
+        "integration",
+        *ignored,
+        *session.posargs,
+        env={"AREPLICA_PG_SOURCE": "embedded"},
+    )
+
+
+@nox.session(name="asyncio-shapes", python=["3.10"])
+def asyncio_shapes(session: nox.Session) -> None:
+    """The suites where the interpreter's asyncio shows (``ASYNCIO_SHAPES``), on 3.10."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", *ASYNCIO_SHAPES, *session.posargs)
 
 
 @nox.session(python=["3.12"])
