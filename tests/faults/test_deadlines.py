@@ -27,7 +27,7 @@ from areplica.reads import ATTEMPT_BOUND
 from areplica.testing.daemon import find_program
 from areplica.testing.pgbouncer import PgBouncer
 from areplica.testing.topology import LocalTopology
-from tests.conftest import sql_on, wait_for
+from tests.conftest import wait_for
 from tests.faults.conftest import SLACK, TIMINGS, under_load
 
 pytestmark = [
@@ -37,20 +37,6 @@ pytestmark = [
 ]
 
 DOWN_WITHIN = TIMINGS["fail_after"] * TIMINGS["health_interval"] + TIMINGS["health_timeout"]
-
-
-@pytest.fixture(scope="module")
-def dtopo() -> Iterator[LocalTopology]:
-    # Behind TCP proxies, as the fault suite's topology: a killed server's address still
-    # accepts connections (the proxy's) and then drops them mid-handshake.
-    with LocalTopology(replicas=2, proxies=True) as topology:
-        sql_on(
-            topology,
-            "primary",
-            "CREATE TABLE IF NOT EXISTS fault_log (id bigserial PRIMARY KEY, tag text NOT NULL)",
-        )
-        topology.wait_replicated()
-        yield topology
 
 
 @contextlib.contextmanager
@@ -95,19 +81,19 @@ async def wait_state(mgr: ReplicaManager, name: str, want: str, within: float) -
 @pytest.mark.parametrize("driver", ["aiopg", "psycopg"])
 @pytest.mark.parametrize("via", ["direct", "pgbouncer"])
 async def test_a_hung_standby_costs_no_read_more_than_the_bound(
-    dtopo: LocalTopology, driver: str, via: str
+    ftopo: LocalTopology, driver: str, via: str
 ) -> None:
-    with fronted(dtopo, via) as dsns:
-        async with manager(dtopo, dsns, driver=driver) as mgr:
-            async with under_load(mgr, dtopo, readers=30) as load:
+    with fronted(ftopo, via) as dsns:
+        async with manager(ftopo, dsns, driver=driver) as mgr:
+            async with under_load(mgr, ftopo, readers=30) as load:
                 await asyncio.sleep(1.0)
-                dtopo.hang("replica-2")
+                ftopo.hang("replica-2")
                 try:
                     took = await wait_state(mgr, "replica-2", "down", DOWN_WITHIN + SLACK)
                     reason = next(s.last_error for s in mgr.status() if s.name == "replica-2")
                     await asyncio.sleep(1.0)
                 finally:
-                    dtopo.resume("replica-2")
+                    ftopo.resume("replica-2")
                 back = await wait_state(mgr, "replica-2", "up", 15)
                 await asyncio.sleep(0.5)
     bound = TIMINGS["read_timeout"] + ATTEMPT_BOUND
@@ -126,20 +112,20 @@ async def test_a_hung_standby_costs_no_read_more_than_the_bound(
 
 @pytest.mark.parametrize("driver", ["aiopg", "psycopg"])
 async def test_reads_in_flight_on_a_node_that_goes_down_fail_over_at_once(
-    dtopo: LocalTopology, driver: str
+    ftopo: LocalTopology, driver: str
 ) -> None:
     """read_timeout=30: reads stuck on a hung standby are retried when it goes down."""
-    with fronted(dtopo, "pgbouncer") as dsns:
-        async with manager(dtopo, dsns, driver=driver, read_timeout=30.0) as mgr:
-            async with under_load(mgr, dtopo, readers=30) as load:
+    with fronted(ftopo, "pgbouncer") as dsns:
+        async with manager(ftopo, dsns, driver=driver, read_timeout=30.0) as mgr:
+            async with under_load(mgr, ftopo, readers=30) as load:
                 await asyncio.sleep(1.0)
-                dtopo.hang("replica-1")
+                ftopo.hang("replica-1")
                 hung_at = time.monotonic()
                 try:
                     took = await wait_state(mgr, "replica-1", "down", DOWN_WITHIN + SLACK)
                     await asyncio.sleep(1.5)
                 finally:
-                    dtopo.resume("replica-1")
+                    ftopo.resume("replica-1")
                 await wait_state(mgr, "replica-1", "up", 15)
     print(
         f"\n[{driver}] down after {took:.2f}s; slowest read {load.slowest:.3f}s; "
@@ -152,17 +138,17 @@ async def test_reads_in_flight_on_a_node_that_goes_down_fail_over_at_once(
 
 @pytest.mark.parametrize("driver", ["aiopg", "psycopg"])
 async def test_a_killed_standby_behind_pgbouncer_gets_its_share_back(
-    dtopo: LocalTopology, driver: str
+    ftopo: LocalTopology, driver: str
 ) -> None:
-    with fronted(dtopo, "pgbouncer") as dsns:
-        async with manager(dtopo, dsns, driver=driver) as mgr:
-            one, two = dtopo.port("replica-1"), dtopo.port("replica-2")
-            async with under_load(mgr, dtopo, readers=30) as load:
+    with fronted(ftopo, "pgbouncer") as dsns:
+        async with manager(ftopo, dsns, driver=driver) as mgr:
+            one, two = ftopo.port("replica-1"), ftopo.port("replica-2")
+            async with under_load(mgr, ftopo, readers=30) as load:
                 await asyncio.sleep(1.0)
-                dtopo.kill("replica-1")
+                ftopo.kill("replica-1")
                 took = await wait_state(mgr, "replica-1", "down", DOWN_WITHIN + SLACK)
                 await asyncio.sleep(0.5)
-                dtopo.start_node("replica-1")
+                ftopo.start_node("replica-1")
                 back = await wait_state(mgr, "replica-1", "up", 30)
                 up_at = time.monotonic()
                 ratio = 0.0
@@ -187,7 +173,7 @@ async def test_a_killed_standby_behind_pgbouncer_gets_its_share_back(
     assert ratio <= 0.2 and share_after <= 60
 
 
-async def test_aiopg_kill_path_leaks_nothing_20_times(dtopo: LocalTopology) -> None:
+async def test_aiopg_kill_path_leaks_nothing_20_times(ftopo: LocalTopology) -> None:
     """Issue 20: a standby killed under load, 20 times, in one process, every warning an error.
 
     ResourceWarning is an error here (and in the whole suite by ``filterwarnings``); the
@@ -209,15 +195,15 @@ async def test_aiopg_kill_path_leaks_nothing_20_times(dtopo: LocalTopology) -> N
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", ResourceWarning)
-            dsns = {n: dtopo.dsn(n) for n in ("replica-1", "replica-2")}
+            dsns = {n: ftopo.dsn(n) for n in ("replica-1", "replica-2")}
             for rounds in range(1, 21):
-                async with manager(dtopo, dsns, driver="aiopg") as mgr:
-                    async with under_load(mgr, dtopo, readers=30) as load:
+                async with manager(ftopo, dsns, driver="aiopg") as mgr:
+                    async with under_load(mgr, ftopo, readers=30) as load:
                         await asyncio.sleep(0.4)
-                        dtopo.kill("replica-1")
+                        ftopo.kill("replica-1")
                         await wait_state(mgr, "replica-1", "down", DOWN_WITHIN + SLACK)
                         await asyncio.sleep(0.3)
-                        dtopo.start_node("replica-1")
+                        ftopo.start_node("replica-1")
                         await wait_state(mgr, "replica-1", "up", 30)
                         await asyncio.sleep(0.3)
                     assert load.failed_reads == [], load.failed_reads[:3]
