@@ -24,7 +24,7 @@ from typing import Any, Literal, TypeVar
 
 from ._compat import bounded, timeout
 from .consistency import format_lsn
-from .drivers import Driver
+from .drivers import Abandon, Driver
 from .dsn import MASK, NodeDSN, mask_dsn
 from .errors import NodeUnavailableError, PoolTimeoutError
 
@@ -355,6 +355,8 @@ class NodePool:
         loop = asyncio.get_running_loop()
         if deadline is None and self.wait_timeout is not None:
             deadline = loop.time() + self.wait_timeout
+        # A connect we stop waiting for that ends in the background (see ``Connect``).
+        left: list[asyncio.Task[None]] = []
         while True:
             if not slot_taken:
                 if self._closed:
@@ -372,13 +374,13 @@ class NodePool:
                     )
                 conn = await self._reuse(loop.time())
                 if conn is None:
-                    conn = await self._open(deadline)
+                    conn = await self._open(deadline, left.append)
                 self._in_use.add(conn)
                 return conn
             except _Full:
                 continue  # our slot is withheld (capped): wait for an open connection
             except BaseException:
-                self.free_slot()
+                self._give_back(left)
                 raise
 
     def _timed_out(self, deadline: float | None, now: float) -> PoolTimeoutError:
@@ -415,15 +417,29 @@ class NodePool:
     def _open_count(self) -> int:
         return len(self._in_use) + len(self._idle)
 
-    async def _open(self, deadline: float | None) -> Any:
+    async def _open(self, deadline: float | None, abandon: Abandon) -> Any:
         """A new connection, its server read; ``_Full`` when the server admits no more."""
         self._opening += 1
         try:
-            return await self._open_one(deadline)
+            return await self._open_one(deadline, abandon)
         finally:
             self._opening -= 1
 
-    async def _open_one(self, deadline: float | None) -> Any:
+    def _give_back(self, left: list[asyncio.Task[None]]) -> None:
+        """Free a failed opener's slot; one with an abandoned connect, once that has ended."""
+        if left:
+            self._spawn(self._free_after(left.pop()), f"{self.name}-connect-end")
+        else:
+            self.free_slot()
+
+    async def _free_after(self, attempt: asyncio.Task[None]) -> None:
+        """Free a slot once the connect abandoned in it has ended (its connection closed)."""
+        try:
+            await asyncio.wait({attempt})
+        finally:
+            self.free_slot()
+
+    async def _open_one(self, deadline: float | None, abandon: Abandon) -> Any:
         loop = asyncio.get_running_loop()
         started = loop.time()
         limit = self.connect_timeout
@@ -431,7 +447,7 @@ class NodePool:
         if deadline is not None:
             limit = max(0.0, min(limit, deadline - started))
         try:
-            conn = await self._driver.connect(self._conninfo, limit)
+            conn = await self._driver.connect(self._conninfo, limit, abandon)
         except asyncio.TimeoutError as exc:
             if cut:  # our own wait ran out, not the server's connect timeout
                 raise self._timed_out(deadline, loop.time()) from exc
@@ -503,15 +519,16 @@ class NodePool:
             for _ in range(min(count, self.size)):
                 if await take_slot((self,), max(0.0, deadline - loop.time())) is None:
                     break
+                left: list[asyncio.Task[None]] = []
                 try:
-                    conn = await self._open(deadline)
+                    conn = await self._open(deadline, left.append)
                 except NodeUnavailableError:
-                    self.free_slot()
+                    self._give_back(left)
                     if self.servers.questioned is not None:
                         keys.append(self.servers.questioned)
                     continue
                 except BaseException:
-                    self.free_slot()
+                    self._give_back(left)
                     raise
                 self._in_use.add(conn)
                 conns.append(conn)
