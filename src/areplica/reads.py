@@ -25,6 +25,7 @@ from typing import Any, cast
 
 import peewee
 
+from ._compat import within
 from .consistency import parse_lsn, token_position
 from .core import Core
 from .errors import (
@@ -193,6 +194,21 @@ class ReadPath:
         core.counters.fallback_reads += 1
         return self.readable_primary()
 
+    def _no_primary_for_unknown(self) -> None:
+        """``NoPrimaryError`` when a session of unknown position has no primary to read on."""
+        core = self._core
+        node = core.cluster.primary
+        if node is not None and node.state == "up":
+            return
+        state = "no primary is known" if node is None else f"primary {node.label} is {node.state}"
+        waited = f" within primary_wait ({core.primary_wait:g}s)" if core.primary_wait > 0 else ""
+        raise NoPrimaryError(
+            f"{core.name}: this session wrote, but its write's WAL position was never read "
+            f"(its primary failed after the commit) and {state}{waited}; the read was not "
+            "run (a standby could be behind the write)",
+            node=node.name if node else None,
+        )
+
     def readable_primary(self) -> Node:
         """The primary for a read routed there; ``NoPrimaryError`` when it is not up."""
         node = self._core.cluster.primary
@@ -259,7 +275,8 @@ class ReadPath:
             else:
                 self._sessions.check_history(session)  # written before a failover?
         if self._sessions.required(session) == UNKNOWN_LSN and session is not None:
-            if not await self._settle_unknown(session) and route is None:
+            if not await self._settle_unknown(session, call_deadline) and route is None:
+                self._no_primary_for_unknown()
                 route = Route("primary")  # the primary cannot say where it is: read there
         while True:
             node, nodes = await self._choose(
@@ -414,12 +431,16 @@ class ReadPath:
         self._core.counters.caught_up_reads += 1
         return node
 
-    async def _settle_unknown(self, cell: Cell) -> bool:
+    async def _settle_unknown(self, cell: Cell, until: float | None) -> bool:
         """Give a cell whose position is unknown the primary's current one (read once).
 
         Reads that need it at the same time share one read of the primary, started after
         every write acknowledged without a position (``Sessions.unknown_writes``): any
-        position the primary shows after a commit covers that commit.
+        position the primary shows after a commit covers that commit. While no primary is
+        usable (the one that took the write died before its position was read, a crash
+        failover), that read waits up to ``primary_wait`` for one, as a write would: the
+        promoted standby's position covers every write that survived. ``until`` (loop
+        time, the call's deadline) bounds this caller's wait.
         """
         epoch = self._sessions.unknown_writes
         shared = self._settling
@@ -428,10 +449,11 @@ class ReadPath:
             or shared[0] != epoch
             or (shared[1].done() and (shared[1].cancelled() or shared[1].result() is None))
         ):
-            future = asyncio.ensure_future(self.current_positions())
+            future = asyncio.ensure_future(self.current_positions(self._core.primary_wait))
             self._settling = shared = (epoch, future)
-        answer = await asyncio.shield(shared[1])
-        if answer is None:
+        left = None if until is None else max(0.0, until - asyncio.get_running_loop().time())
+        done, answer = await within(asyncio.shield(shared[1]), left)
+        if not done or answer is None:
             return False
         primary = self._core.cluster.primary
         timeline = primary.timeline if primary is not None else None
@@ -476,9 +498,16 @@ class ReadPath:
             )
             await asyncio.sleep(0.01)
 
-    async def current_positions(self) -> tuple[int, int] | None:
-        """The primary's insert and flush positions now; ``None`` when it cannot answer."""
-        primary = self._core.usable_primary()
+    async def current_positions(self, wait: float = 0.0) -> tuple[int, int] | None:
+        """The primary's insert and flush positions now; ``None`` when it cannot answer.
+
+        ``wait``: seconds to wait for a usable primary while there is none.
+        """
+        core = self._core
+        primary = core.usable_primary()
+        if primary is None and wait > 0:
+            deadline = asyncio.get_running_loop().time() + wait
+            primary = await self._writes.wait_for_primary(deadline)
         if primary is None:
             return None
         try:

@@ -80,12 +80,13 @@ class WritePath:
         if node is not None:
             return node
         if deadline is not None:
-            node = await self._wait_for_primary(deadline)
+            node = await self.wait_for_primary(deadline)
             if node is not None:
                 return node
         raise self._no_primary()
 
-    async def _wait_for_primary(self, deadline: float) -> Node | None:
+    async def wait_for_primary(self, deadline: float) -> Node | None:
+        """A usable primary, waiting for one until ``deadline`` (loop time); else ``None``."""
         core = self._core
         loop = asyncio.get_running_loop()
         if core.monitor is not None:

@@ -6,10 +6,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
+import peewee
 import pytest
 
-from areplica import NoPrimaryError
+from areplica import NoPrimaryError, writes
 from areplica.testing.topology import LocalTopology
 from tests.conftest import sql_on, wait_for
 from tests.faults.conftest import (
@@ -138,3 +140,55 @@ async def test_promotion_while_old_primary_is_up_follows_the_newer_timeline(
     status = {s.name: s for s in mgr.status()}
     assert status["replica-2"].role == "primary" and status["primary"].state == "down"
     await mgr.close()
+
+
+@pytest.mark.parametrize("driver", ["aiopg", "psycopg"])
+async def test_a_write_whose_position_died_with_the_primary_is_read_on_the_new_one(
+    own_topo: LocalTopology, driver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The primary dies between a write's commit and its position read (a crash failover).
+
+    The session cannot know where its write is. Its next read waits for a primary (up to
+    ``primary_wait``), settles on the promoted standby's position and sees the write: it
+    neither fails while the cluster has no primary nor reads a standby that is behind.
+    """
+    mgr = fault_manager(own_topo, driver=driver, primary_wait=30.0)
+    impatient = fault_manager(own_topo, driver=driver, primary_wait=0.0)
+    await mgr.connect()
+    await impatient.connect()
+    try:
+        tag = f"died-{driver}"
+
+        async def lost(cursor: Any) -> int:
+            raise peewee.OperationalError("server closed the connection unexpectedly")
+
+        monkeypatch.setattr(writes, "_read_position", lost)
+        await mgr.execute_sql("INSERT INTO fault_log (tag) VALUES (%s)", [tag])
+        await impatient.execute_sql("INSERT INTO fault_log (tag) VALUES (%s)", [tag + "-0"])
+        monkeypatch.undo()
+        assert mgr.unknown_positions == 1 and impatient.unknown_positions == 1
+        await asyncio.to_thread(own_topo.wait_replicated)  # the write survives the failover
+        own_topo.kill("primary")
+        await wait_for(lambda: mgr.status()[0].state != "up", timeout=FOLLOW_BOUND)
+        sql = "SELECT (SELECT count(*) FROM fault_log WHERE tag = %s), inet_server_port()"
+        await wait_for(lambda: impatient.status()[0].state != "up", timeout=FOLLOW_BOUND)
+        with pytest.raises(NoPrimaryError, match="position was never read") as info:
+            await impatient.execute_sql(sql, [tag + "-0"])  # no wait: says so, reads nothing
+        assert info.value.node == "primary"
+
+        async def reader() -> tuple[Any, str | None]:
+            return await mgr.execute_sql(sql, [tag]), mgr.token
+
+        read = asyncio.ensure_future(reader())
+        await asyncio.sleep(1.0)
+        assert not read.done(), read  # waiting for a primary, not failed
+        await asyncio.to_thread(own_topo.promote, "replica-1")
+        rows, token = await read
+        assert rows is not None and rows[0][0] == 1, rows
+        assert token is not None and token.startswith("2/"), token  # the new timeline's
+        # The next reads go on without the primary's help: the position is known now.
+        again = await mgr.execute_sql(sql, [tag])
+        assert again is not None and again[0][0] == 1
+    finally:
+        await mgr.close()
+        await impatient.close()
