@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import math
 import threading
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import peewee
 import peewee_async
@@ -26,27 +26,7 @@ from ._compat import bounded
 from ._compat import timeout as _timeout
 from .errors import AreplicaError, ConfigurationError
 
-__all__ = ["DRIVERS", "QUERY_CANCELED", "Abandon", "Connect", "Driver", "get_driver", "sqlstate_of"]
-
-#: Takes over a connect its caller stopped waiting for: the task that lets the attempt end
-#: and closes what it opened. Its owner keeps the task (and awaits it on close).
-Abandon = Callable[["asyncio.Task[None]"], None]
-
-
-class Connect(Protocol):
-    """Open one connection within ``timeout`` seconds (``asyncio.TimeoutError`` past it).
-
-    A connect its caller stops waiting for (cancelled, or past ``timeout``) never leaves a
-    logged-in connection behind for the garbage collector: either the driver ends the
-    attempt cleanly at once (aiopg), or the attempt goes on in the background, bounded by
-    the driver's own connect timeout, and its connection is closed as soon as it is made
-    (psycopg, whose connect cut midway keeps its libpq connection open until the collector
-    frees it). That background end goes to ``abandon`` (by default the driver keeps it).
-    """
-
-    def __call__(
-        self, conninfo: str, timeout: float, abandon: Abandon | None = None
-    ) -> Awaitable[Any]: ...
+__all__ = ["DRIVERS", "QUERY_CANCELED", "Driver", "get_driver", "sqlstate_of"]
 
 
 # SQLSTATEs that mean the connection (or the server behind it) is gone.
@@ -101,7 +81,7 @@ class Driver:
 
     name: str
     database_cls: type[peewee_async.databases.AioDatabase]
-    connect: Connect
+    connect: Callable[[str, float], Awaitable[Any]]
     #: Close a connection; a second call is a no-op (closing twice breaks aiopg, see below).
     close: Callable[[Any], Awaitable[None]]
     #: Send a PostgreSQL cancel request for the query running on a connection (the
@@ -238,6 +218,16 @@ class _LibpqCancel:
             return False
 
 
+def _drop_frames(exc: BaseException) -> None:
+    """Clear the locals of the finished frames an exception (and its causes) keeps alive."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        current = current.__cause__ or current.__context__
+
+
 def _aiopg_driver() -> Driver:
     import aiopg
     import psycopg2
@@ -347,11 +337,11 @@ def _aiopg_driver() -> Driver:
                 connection._forget_dropped_socket()
                 raise
 
-    async def connect(conninfo: str, timeout: float, abandon: Abandon | None = None) -> Any:
+    async def connect(conninfo: str, timeout: float) -> Any:
         # Bounded here: libpq's connect_timeout does not apply to non-blocking connects.
-        # hstore discovery is off: it costs a query per connection. _connect() closes the
-        # connection itself if it fails or is cancelled: nothing is ever abandoned.
+        # hstore discovery is off: it costs a query per connection.
         conn = Connection(conninfo, None, False, enable_hstore=False)
+        # _connect() closes the connection itself if it fails or is cancelled.
         return await bounded(conn._connect(), timeout, dispose=close)
 
     async def close(conn: Any) -> None:
@@ -401,50 +391,23 @@ def _psycopg_driver() -> Driver:
     import psycopg
     import psycopg.pq
 
-    unowned: set[asyncio.Task[None]] = set()
-
-    async def connect(conninfo: str, timeout: float, abandon: Abandon | None = None) -> Any:
-        # Never cancelled midway: a cancelled AsyncConnection.connect() leaves its libpq
-        # connection, logged in, to the garbage collector (its generator's frame is kept by
-        # the exception's traceback), one backend more on the server than the pool holds.
-        # The attempt is bounded by psycopg's own connect_timeout (whole seconds, at least
-        # 2, per host tried); the caller waits only ``timeout``.
-        attempt = asyncio.ensure_future(
-            psycopg.AsyncConnection.connect(
-                conninfo,
-                autocommit=True,
-                cursor_factory=psycopg.AsyncClientCursor,
-                connect_timeout=max(2, math.ceil(timeout)),
+    async def connect(conninfo: str, timeout: float) -> Any:
+        # A connect cut off midway (cancelled, or past the timeout) leaves its libpq
+        # connection, possibly logged in already, in a local of psycopg's connect generator,
+        # kept alive by the exception's traceback until the garbage collector runs: one
+        # backend more on the server than the pool holds. Clearing those finished frames
+        # frees it (and closes its socket) now.
+        try:
+            return await bounded(
+                psycopg.AsyncConnection.connect(
+                    conninfo, autocommit=True, cursor_factory=psycopg.AsyncClientCursor
+                ),
+                timeout,
+                dispose=close,
             )
-        )
-        try:
-            done, _ = await asyncio.wait({attempt}, timeout=timeout)
-        except BaseException:
-            _leave(attempt, abandon)
+        except (asyncio.CancelledError, asyncio.TimeoutError) as exc:
+            _drop_frames(exc)
             raise
-        if not done:
-            _leave(attempt, abandon)
-            raise asyncio.TimeoutError(f"no connection within {timeout:g}s")
-        return attempt.result()
-
-    def _leave(attempt: asyncio.Future[Any], abandon: Abandon | None) -> None:
-        if attempt.done() and (attempt.cancelled() or attempt.exception() is not None):
-            return  # nothing was opened
-        task = asyncio.ensure_future(_settle(attempt))
-        if abandon is not None:
-            abandon(task)
-        else:
-            unowned.add(task)
-            task.add_done_callback(unowned.discard)
-
-    async def _settle(attempt: asyncio.Future[Any]) -> None:
-        try:
-            await asyncio.wait({attempt})
-        finally:
-            if not attempt.done():
-                attempt.cancel()  # we are cancelled (the loop is closing): last resort
-        if not attempt.cancelled() and attempt.exception() is None:
-            await close(attempt.result())
 
     async def close(conn: Any) -> None:
         await conn.close()  # idempotent in psycopg

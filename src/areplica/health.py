@@ -158,7 +158,7 @@ class ProbeConnection:
                 driver = self.node.driver
                 if self._conn is None or driver.is_closed(self._conn):
                     await self.close()
-                    self._conn = await driver.connect(self.node.dsn.conninfo, timeout, self._keep)
+                    self._conn = await driver.connect(self.node.dsn.conninfo, timeout)
                     fresh = True
                 # The query in its own task: when it outlives the timeout it is left
                 # waiting for its answer (see the class docstring).
@@ -217,11 +217,6 @@ class ProbeConnection:
 
         task.add_done_callback(closed)
 
-    def _keep(self, task: asyncio.Task[None]) -> None:
-        """A connect we stopped waiting for, ending in the background (closed with the rest)."""
-        self._abandoned.add(task)
-        task.add_done_callback(self._abandoned.discard)
-
     def _forget_connection(self) -> None:
         """Its last query failed in the background: reconnect next time (closed later)."""
         conn, self._conn, self._key = self._conn, None, None
@@ -266,7 +261,7 @@ class ProbeConnection:
         loop = asyncio.get_running_loop()
 
         async def one() -> ServerKey:
-            conn = await driver.connect(self.node.dsn.conninfo, deadline - loop.time(), self._keep)
+            conn = await driver.connect(self.node.dsn.conninfo, deadline - loop.time())
             try:
                 async with conn.cursor() as cursor:
                     await cursor.execute(IDENTITY_SQL)
@@ -382,7 +377,7 @@ class ProbeConnection:
                 driver = self.node.driver
                 if self._conn is None or driver.is_closed(self._conn):
                     await self.close()
-                    self._conn = await driver.connect(self.node.dsn.conninfo, timeout, self._keep)
+                    self._conn = await driver.connect(self.node.dsn.conninfo, timeout)
                 delay = 0.001
                 while True:
                     async with self._conn.cursor() as cursor:

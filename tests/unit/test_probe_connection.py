@@ -59,7 +59,7 @@ class FakeConn:
 def node_with(hang: bool = False, first_delay: float = 0.0) -> tuple[Node, list[FakeConn]]:
     opened: list[FakeConn] = []
 
-    async def connect(conninfo: str, timeout: float, abandon: Any = None) -> FakeConn:
+    async def connect(conninfo: str, timeout: float) -> FakeConn:
         conn = FakeConn(hang, first_delay)
         opened.append(conn)
         return conn
