@@ -58,8 +58,7 @@ class Timings:
     with a read's causal position, running reads (the query and its rows), running writes
     (the statement and its rows), and waiting for the WAL position after a write commits
     (``causal``). Counts: reads and writes that ran, and the position reads that covered
-    those writes (one covers every write committed before it started), of which those run
-    on the primary's idle probe connection, needing no pool slot (``mgr.timings()``).
+    those writes (one covers every write committed before it started) (``mgr.timings()``).
     """
 
     slot_wait_s: float = 0.0
@@ -70,7 +69,6 @@ class Timings:
     reads: int = 0
     writes: int = 0
     position_reads: int = 0
-    probe_position_reads: int = 0
 
 
 class Core:

@@ -339,24 +339,6 @@ class ProbeConnection:
             return  # its pool was dropped already; a hung server would only make us wait
         await self._on_probe(timeout, "SELECT pg_cancel_backend(%s)", (pid,))
 
-    async def idle_row(self, sql: str, timeout: float) -> Any | None:
-        """One row of ``sql`` when the connection is open, idle and on the member's server.
-
-        ``None`` (nothing sent) when it is closed, in use (a probe, a cancel) or reached
-        another server than the member's current one: the caller uses a pool connection.
-        """
-        current = self.node.servers.current
-        if (
-            self._conn is None
-            or self.node.driver.is_closed(self._conn)
-            or self._busy()
-            or self._lock.locked()
-            or self._key is None
-            or self._key != current
-        ):
-            return None
-        return await self._on_probe(timeout, sql, ())
-
     async def wait_gone(self, pid: int, timeout: float) -> None:
         """Wait until backend ``pid`` has left ``pg_stat_activity`` (it exits after a close)."""
         if self.node.state == "down" or self._busy():
@@ -859,17 +841,6 @@ class HealthMonitor:
         """Wait until a closed connection's backend has exited on ``node``."""
         if not self._stopped:
             await self._probe_connection(node).wait_gone(pid, timeout)
-
-    async def idle_probe_row(self, node: Node, sql: str, timeout: float) -> Any | None:
-        """One row of ``sql`` on ``node``'s probe connection if it is idle, else ``None``.
-
-        A read that many callers wait on (the write position after commits) then needs no
-        pool slot: under load the next free one may be a whole query away.
-        """
-        connection = self._probes.get(node)
-        if self._stopped or connection is None:
-            return None
-        return await connection.idle_row(sql, timeout)
 
     def _probe_connection(self, node: Node) -> ProbeConnection:
         connection = self._probes.get(node)

@@ -354,17 +354,7 @@ class Positions:
                     future.set_result(lsn)
 
     async def _read(self, node: Node) -> int:
-        """The primary's insert position now: on its idle probe connection, else its pool's."""
-        monitor = self._core.monitor
-        if monitor is not None:
-            try:
-                row = await monitor.idle_probe_row(node, WAL_POSITION_SQL, node.connect_timeout)
-            except Exception:
-                row = None  # the probe connection is closed; a pool connection tells
-            if row is not None:
-                self._core.timings.position_reads += 1
-                self._core.timings.probe_position_reads += 1
-                return token_position(parse_lsn(row[0]))
+        """The primary's insert position now, on a connection of its pool."""
         pool = node.pool
         deadline = None
         if node.pool_timeout is not None:

@@ -92,15 +92,9 @@ async def test_1000_write_then_read_pairs(
                 # Positions are read after commits, one read for every write committed
                 # before it started: fewer reads than writes under this concurrency.
                 assert 0 < spent["position_reads"] < spent["writes"], spent
-                # Most on the primary's probe connection, idle between probes: no pool
-                # slot to wait for while 1000 pairs keep every slot busy.
-                assert spent["probe_position_reads"] > 0, spent
-                print(
-                    f"[{driver}] {mode}: {spent['position_reads']} position reads, "
-                    f"{spent['probe_position_reads']} on the probe connection"
-                )
+                print(f"[{driver}] {mode}: {spent['position_reads']} position reads")
             else:
-                assert spent["position_reads"] == spent["probe_position_reads"] == 0, spent
+                assert spent["position_reads"] == 0, spent
             replica_share = sum(v for k, v in served.items() if k.startswith("replica")) / 1000
             print(
                 f"\n[{driver}] {mode:<8} stale={stale:<4} served={dict(served)} "
