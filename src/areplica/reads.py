@@ -320,8 +320,19 @@ class ReadPath:
                         node=node.name,
                         timeout=timeout,
                     ) from exc
+                primary = core.cluster.primary
                 if not self._retryable(node, exc, route, attempt):
                     raise
+                if node is primary and core.driver.is_disconnect(exc):
+                    # The primary failed at the connection level: one broken connection
+                    # is not proof it is down, so the next pick could be it again (a
+                    # switchover stopping it). A health round decides now; meanwhile the
+                    # standbys get the switchover's window to reach the session.
+                    window = core.primary_wait or core.options.health_timeout
+                    if call_deadline is not None:
+                        window = min(window, max(0.0, call_deadline - loop.time()))
+                    await self._learn(window)
+                    catch_up_until = max(catch_up_until, loop.time() + window)
                 attempt += 1
                 tried.add(node)
                 core.counters.retried_reads += 1
@@ -350,6 +361,14 @@ class ReadPath:
             nodes = self.candidates(route, tried, max_staleness, session)
             return self.pick(nodes), nodes
         except _CatchUp as wait:
+            core = self._core
+            primary = core.cluster.primary
+            if core.primary_wait > 0 and (primary is None or primary.state != "up"):
+                # No primary to fall back to (a failover): the standbys get the window a
+                # write would wait for a primary, to reach the session's position.
+                catch_up_until = max(
+                    catch_up_until, asyncio.get_running_loop().time() + core.primary_wait
+                )
             until = catch_up_until if call_deadline is None else min(catch_up_until, call_deadline)
             left = until - asyncio.get_running_loop().time()
             node = None
@@ -359,8 +378,21 @@ class ReadPath:
                     node = await self._catch_up(wait.nodes, wait.lsn, left)
                 finally:
                     self._core.timings.catch_up_s += perf_counter() - started
-            node = node or self.fallback(route)
+            if node is None:
+                node = await self._fallback_waiting(route, call_deadline)
             return node, [node]
+
+    async def _fallback_waiting(self, route: Route | None, until: float | None) -> Node:
+        """``fallback()``; while the primary is not up, wait up to ``primary_wait`` for one."""
+        core = self._core
+        primary = core.cluster.primary
+        if core.primary_wait > 0 and (primary is None or primary.state != "up"):
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + core.primary_wait
+            if until is not None:
+                deadline = min(deadline, until)
+            await self._writes.wait_for_primary(deadline)
+        return self.fallback(route)
 
     def _refused_as_write(self, node: Node, exc: Exception, sql: str) -> bool:
         """A standby refused a "read" as a write (SQLSTATE 25006): the classifier erred."""

@@ -192,3 +192,35 @@ async def test_a_write_whose_position_died_with_the_primary_is_read_on_the_new_o
     finally:
         await mgr.close()
         await impatient.close()
+
+
+@pytest.mark.parametrize("noticed", [True, False], ids=["seen-down", "not-seen-yet"])
+async def test_a_session_read_waits_for_the_standbys_when_its_primary_dies(
+    own_topo: LocalTopology, noticed: bool
+) -> None:
+    """The primary dies after a session's write, before any standby has replayed it.
+
+    No standby can serve the read yet and there is no primary to fall back to: the read
+    waits (up to ``primary_wait``) for a standby to replay the write, and neither fails nor
+    reads stale. ``not-seen-yet``: the health loop has not noticed (a long interval), so the
+    read's first pick is the dead primary; its connection failure must not be retried on
+    it until the retries run out (CI saw that once, during a Patroni switchover).
+    """
+    for standby in ("replica-1", "replica-2"):
+        own_topo.set_apply_delay(standby, 1500)
+    mgr = fault_manager(
+        own_topo, primary_wait=10.0, max_lag=30.0, health_interval=0.25 if noticed else 30.0
+    )
+    await mgr.connect()
+    try:
+        tag = f"orphaned-{'seen' if noticed else 'unseen'}"
+        await mgr.execute_sql("INSERT INTO fault_log (tag) VALUES (%s)", [tag])
+        own_topo.kill("primary")
+        if noticed:
+            await wait_for(lambda: mgr.status()[0].state != "up", timeout=FOLLOW_BOUND)
+        sql = "SELECT (SELECT count(*) FROM fault_log WHERE tag = %s), inet_server_port()"
+        rows = await mgr.execute_sql(sql, [tag])
+        assert rows is not None and rows[0][0] == 1, rows  # not stale
+        assert rows[0][1] in (own_topo.port("replica-1"), own_topo.port("replica-2"))
+    finally:
+        await mgr.close()
