@@ -56,8 +56,8 @@ logger = logging.getLogger("areplica")
 #: real position (no standby has it), until the read path settles it with the primary's
 #: position read afterwards (``note_unknown_write``, ``settle_unknown``).
 UNKNOWN_LSN = (1 << 64) - 1
-#: The same as a position: above any real one (timeline and LSN all ones), so it wins every
-#: fold; ``required()`` answers ``UNKNOWN_LSN`` for it.
+#: The same as a position (timeline and LSN all ones): the token of a cell whose position
+#: is unknown.
 UNKNOWN_POS = (1 << 96) - 1
 
 
@@ -74,9 +74,12 @@ class Cell:
 
     ``pos``: the position its reads require (0: none), ``timeline << 64 | lsn`` (see
     ``consistency.position``). ``wrote``: the highest position of writes made in it or folded
-    from its children (what an explicit session hands back to its opener). ``last_write``:
-    monotonic time of the last write (``sticky`` mode). ``external``: ``pos`` came from an
-    untrusted token not vetted yet.
+    from its children (what an explicit session hands back to its opener). ``unknown``: the
+    latest write it requires whose position was never read, as ``Sessions.unknown_writes``
+    counted it (0: none); kept apart from ``pos`` so that settling it (with a primary
+    position read after that write) never erases a known position above the settled one.
+    ``last_write``: monotonic time of the last write (``sticky`` mode). ``external``:
+    ``pos`` came from an untrusted token not vetted yet.
     """
 
     __slots__ = (
@@ -91,6 +94,7 @@ class Cell:
         "registered",
         "task",
         "top",
+        "unknown",
         "wrote",
     )
 
@@ -100,6 +104,7 @@ class Cell:
         parent: Cell | None,
         *,
         pos: int = 0,
+        unknown: int = 0,
         last_write: float = 0.0,
         top: bool = False,
         explicit: bool = False,
@@ -107,6 +112,7 @@ class Cell:
         self.task = task
         self.parent = parent
         self.pos = pos
+        self.unknown = unknown
         self.wrote = 0
         self.last_write = last_write
         self.top = top
@@ -124,7 +130,8 @@ class Cell:
 
     def __repr__(self) -> str:
         kind = "session" if self.explicit else "top-level" if self.top else "child"
-        return f"<Cell {kind} {format_token(self.pos)} children={len(self.children)}>"
+        shown = format_token(UNKNOWN_POS if self.unknown else self.pos)
+        return f"<Cell {kind} {shown} children={len(self.children)}>"
 
 
 #: ``mgr.session()`` yields a cell: kept under its old name for code that annotated it.
@@ -163,6 +170,7 @@ class Sessions:
         self._top: set[Cell] = set()
         #: What finished top-level tasks wrote: every top-level read requires it.
         self._done_pos = 0
+        self._done_unknown = 0
         self._done_write = 0.0
         self._highest_lsn = 0
         self._warned = WarnOnce(maxsize=1024)
@@ -202,7 +210,15 @@ class Sessions:
         if task is None:
             # Sync code (allow_sync, at import time say) is no task anyone can await: what
             # it writes is done when the call returns, and every top-level task sees it.
-            return Cell(None, None, pos=self._top_pos(), last_write=self._done_write, top=True)
+            pos = self._top_pos()
+            return Cell(
+                None,
+                None,
+                pos=pos,
+                unknown=self._done_unknown,
+                last_write=self._done_write,
+                top=True,
+            )
         if cell is None or cell.task is not task:
             cell = self._new_cell(cell, task)
             self._cell.set(cell)
@@ -215,12 +231,20 @@ class Sessions:
             # No live parent: a top-level task. A finished one inherited (asyncio.Runner
             # reuses one context across steps) still passes on what it required.
             base = self._top_pos()
+            unknown = self._done_unknown
             last = self._done_write
             if inherited is not None:
                 base = max(base, self._position(inherited))
+                unknown = max(unknown, inherited.unknown)
                 last = max(last, inherited.last_write)
-            return Cell(task, None, pos=base, last_write=last, top=True)
-        cell = Cell(task, inherited, pos=self._position(inherited), last_write=inherited.last_write)
+            return Cell(task, None, pos=base, unknown=unknown, last_write=last, top=True)
+        cell = Cell(
+            task,
+            inherited,
+            pos=self._position(inherited),
+            unknown=inherited.unknown,
+            last_write=inherited.last_write,
+        )
         cell.external = inherited.external
         cell.client = inherited.client
         return cell
@@ -239,6 +263,8 @@ class Sessions:
             pos = self._top_pos()
             if pos > cell.pos:
                 cell.pos = pos
+            if self._done_unknown > cell.unknown:
+                cell.unknown = self._done_unknown
             if self._done_write > cell.last_write:
                 cell.last_write = self._done_write
 
@@ -251,10 +277,12 @@ class Sessions:
 
     # ------------------------------------------------------------------ raising and folding
 
-    def _raise(self, cell: Cell, pos: int, wrote: int, last_write: float) -> None:
+    def _raise(self, cell: Cell, pos: int, wrote: int, last_write: float, unknown: int = 0) -> None:
         """``cell`` now requires ``pos``; registered with its parent to fold into it later."""
         if pos > cell.pos:
             cell.pos = pos
+        if unknown > cell.unknown:
+            cell.unknown = unknown
         if wrote > cell.wrote:
             cell.wrote = wrote
         if last_write > cell.last_write:
@@ -281,12 +309,13 @@ class Sessions:
         if cell.top:
             self._top.discard(cell)
             self._done_pos = max(self._done_pos, cell.pos)
+            self._done_unknown = max(self._done_unknown, cell.unknown)
             self._done_write = max(self._done_write, cell.last_write)
             return
         parent = cell.parent
         if parent is not None:
             parent.children.discard(cell)
-            self._raise(parent, cell.pos, cell.wrote, cell.last_write)
+            self._raise(parent, cell.pos, cell.wrote, cell.last_write, cell.unknown)
 
     # ------------------------------------------------------------------ tokens and sessions
 
@@ -294,9 +323,9 @@ class Sessions:
     def token(self) -> str | None:
         """The position the current task's reads require, as a token; ``None`` when none."""
         cell = self.current()
-        if cell is None or not cell.pos:
+        if cell is None or not (cell.pos or cell.unknown):
             return None
-        return format_token(cell.pos)
+        return format_token(UNKNOWN_POS if cell.unknown else cell.pos)
 
     @contextlib.asynccontextmanager
     async def open(
@@ -316,10 +345,10 @@ class Sessions:
         finally:
             self._cell.reset(reset)
             self._gather(cell)
-            if self._tracks and (cell.wrote or cell.last_write):
+            if self._tracks and (cell.wrote or cell.unknown or cell.last_write):
                 opener = self.current()
                 if opener is not None:
-                    self._raise(opener, cell.wrote, cell.wrote, cell.last_write)
+                    self._raise(opener, cell.wrote, cell.wrote, cell.last_write, cell.unknown)
 
     def _parse(self, token: str | None, client: str | None) -> int:
         if not token:
@@ -334,9 +363,11 @@ class Sessions:
 
     def required(self, cell: Cell | None) -> int | None:
         """The WAL position a read of ``cell`` needs a replica to have replayed."""
-        if cell is not None and self._causal and cell.pos:
-            return cell.pos & LSN_MASK
-        return None
+        if cell is None or not self._causal:
+            return None
+        if cell.unknown:
+            return UNKNOWN_LSN
+        return cell.pos & LSN_MASK if cell.pos else None
 
     def sticky(self, cell: Cell | None) -> bool:
         """True while a ``sticky`` session reads from the primary after its last write."""
@@ -376,30 +407,33 @@ class Sessions:
         primary. Never a stale read.
         """
         self.unknown_writes += 1
+        epoch = self.unknown_writes
         cell = self.current()
         if cell is None:
             return
         now = time.monotonic()
         if cell.task is None:  # sync code: done at once (see current())
-            self._done_pos = UNKNOWN_POS
+            self._done_unknown = epoch
             self._done_write = max(self._done_write, now)
         else:
-            self._raise(cell, UNKNOWN_POS, UNKNOWN_POS, now)
+            self._raise(cell, 0, 0, now, epoch)
 
     def settle_unknown(self, cell: Cell, lsn: int, epoch: int, timeline: int | None = None) -> None:
-        """Replace an unknown position by ``lsn``, the primary's, read once ``epoch`` held.
+        """Settle an unknown position with ``lsn``, the primary's, read once ``epoch`` held.
 
         ``epoch`` is ``unknown_writes`` when that read started: it covers every write
-        acknowledged without a position before then. What finished top-level tasks left
-        unknown is settled only when no such write came after the read started.
+        acknowledged without a position up to then, and only those. A cell (or what finished
+        top-level tasks left) whose unknown write came later stays unknown. The known
+        position is kept: the settled one only raises it.
         """
         pos = position(timeline, lsn)
-        if cell.pos == UNKNOWN_POS:
-            cell.pos = pos
-        if cell.wrote == UNKNOWN_POS:
-            cell.wrote = pos
-        if self._done_pos == UNKNOWN_POS and epoch == self.unknown_writes:
-            self._done_pos = pos
+        if cell.unknown and cell.unknown <= epoch:
+            cell.unknown = 0
+            cell.pos = max(cell.pos, pos)
+            cell.wrote = max(cell.wrote, pos)
+        if self._done_unknown and self._done_unknown <= epoch:
+            self._done_unknown = 0
+            self._done_pos = max(self._done_pos, pos)
 
     # ------------------------------------------------------------------ vetting
 

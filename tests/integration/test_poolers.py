@@ -370,6 +370,67 @@ async def test_a_committed_write_whose_position_is_lost_is_acknowledged(
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
+async def test_a_write_after_an_unknown_position_is_not_lost_by_its_settling(
+    topo: LocalTopology, driver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session whose position is unknown writes again: its read must see that write.
+
+    The unknown position is settled by a read of the primary's position shared with other
+    sessions. One read of it started before the session's second write must not settle the
+    session: it would erase that write's position (the unknown one sat above it), and a
+    standby past the shared read but not past the write would serve a stale row.
+    """
+    for standby in ("replica-1", "replica-2"):
+        topo.set_apply_delay(standby, 1500)
+    try:
+        mgr = ReplicaManager(
+            topo.dsn("primary"),
+            {n: topo.dsn(n) for n in ("replica-1", "replica-2")},
+            driver=driver,
+            **{**FAST, "causal_wait": 5.0},
+        )
+        async with opened(mgr):
+            original = writes._read_position
+
+            async def lost(cursor: Any) -> int:
+                raise peewee.OperationalError("server closed the connection unexpectedly")
+
+            monkeypatch.setattr(writes, "_read_position", lost)
+            await mgr.execute_sql("INSERT INTO pooled (tag) VALUES (%s)", [f"first-{driver}"])
+            monkeypatch.setattr(writes, "_read_position", original)
+            assert mgr.unknown_positions == 1
+
+            async def child() -> None:  # inherits the unknown position and settles it
+                await mgr.execute_sql("SELECT 1")
+
+            await asyncio.create_task(child())
+            # Both standbys replay past everything written so far (the shared read too).
+            target = run_sql(topo.direct_dsn("primary"), "SELECT pg_current_wal_lsn()::text")
+            assert target is not None
+            for standby in ("replica-1", "replica-2"):
+                await wait_for(
+                    lambda n=standby: (
+                        run_sql(
+                            topo.direct_dsn(n),
+                            "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn",
+                            (target[0][0],),
+                        )
+                        == [(True,)]
+                    ),
+                    timeout=20,
+                )
+            tag = f"second-{driver}"
+            await mgr.execute_sql("INSERT INTO pooled (tag) VALUES (%s)", [tag])
+            rows = await mgr.execute_sql(
+                "SELECT (SELECT count(*) FROM pooled WHERE tag = %s), inet_server_port()", [tag]
+            )
+            assert rows is not None and rows[0][0] == 1, rows  # standbys are 1.5 s behind it
+    finally:
+        for standby in ("replica-1", "replica-2"):
+            topo.set_apply_delay(standby, 0)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
 async def test_a_write_the_pooler_never_forwarded_says_not_applied(
     topo: LocalTopology, driver: str
 ) -> None:
