@@ -56,9 +56,11 @@ class Timings:
 
     Seconds: waiting for a connection slot (reads and writes), for a replica to catch up
     with a read's causal position, running reads (the query and its rows), running writes
-    (the statement and its rows), and waiting for the WAL position after a write commits
-    (``causal``). Counts: reads and writes that ran, and the position reads that covered
-    those writes (one covers every write committed before it started) (``mgr.timings()``).
+    (the statement and its rows), and waiting for the WAL position of writes (``causal``:
+    a read whose session wrote under contention waits for the shared position read that
+    covers the write, unless its answer is in). Counts: reads and writes that ran, and the
+    position reads that covered those writes (one covers every write committed before it
+    started) (``mgr.timings()``).
     """
 
     slot_wait_s: float = 0.0

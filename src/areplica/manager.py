@@ -33,7 +33,7 @@ from .node import Node, NodeStatus
 from .options import Options
 from .policies import POLICIES
 from .queries import QueryAPI
-from .sessions import Route, Session
+from .sessions import UNKNOWN_LSN, Route, Session
 from .sources import PatroniSource, PatroniView
 from .transactions import Binding
 
@@ -613,8 +613,11 @@ class ReplicaManager(QueryAPI):
         """
         self._core.require_open()
         reads = self._engine.reads
-        required = self._engine.sessions.required(self._engine.sessions.current())
-        if required is None:
+        cell = self._engine.sessions.current()
+        if cell is not None and cell.unknown:
+            await reads.settle_unknown(cell, None)  # else the primary's position, below
+        required = self._engine.sessions.required(cell)
+        if required is None or required == UNKNOWN_LSN:
             positions = await reads.current_positions()
             if positions is None:
                 return [n.name for n in self._cluster.readers() if n.state == "up"]
@@ -623,8 +626,32 @@ class ReplicaManager(QueryAPI):
 
     @property
     def token(self) -> str | None:
-        """The current session's causal token (a WAL position), ``None`` before any write."""
+        """The current session's causal token (a WAL position), ``None`` before any write.
+
+        Right after a write under contention its position may not be read yet (the
+        session's next read settles it): the token is then the "unknown" one,
+        ``FFFFFFFF/FFFFFFFF/FFFFFFFF``, which makes the session that resumes it read the
+        primary's position first. ``await settled_token()`` waits for the position.
+        """
         return self._engine.sessions.token
+
+    async def settled_token(self) -> str | None:
+        """``token``, once the position of every write of the session is read.
+
+        For a token sent to a client or another service right after a write (the
+        middlewares use it). Waits at most ``max(causal_wait, health_timeout)`` for the
+        shared read of the primary's position; past that (no primary answers), the
+        "unknown" token.
+        """
+        sessions = self._engine.sessions
+        cell = sessions.current()
+        if cell is not None and cell.unknown and not sessions.settle_cached(cell):
+            options = self._core.options
+            bound = max(options.causal_wait, options.health_timeout)
+            until = asyncio.get_running_loop().time() + bound
+            with contextlib.suppress(ClosedError):  # closing: the "unknown" token
+                await self._engine.reads.settle_unknown(cell, until)
+        return sessions.token
 
     # ------------------------------------------------------------------ counters
 

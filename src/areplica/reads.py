@@ -17,7 +17,6 @@ primary. SQL errors pass through.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from time import perf_counter
@@ -82,9 +81,7 @@ class ReadPath:
         self._writes = writes
         self._policy = policy
         self._watch = ReplayWatch(core.name, self._replay_position)
-        #: The primary's position being read for sessions whose position is unknown:
-        #: (``Sessions.unknown_writes`` when it started, the read).
-        self._settling: tuple[int, asyncio.Future[tuple[int, int] | None]] | None = None
+        writes.positions.bind(self._primary_position)
 
     # ------------------------------------------------------------------ choosing a node
 
@@ -275,7 +272,7 @@ class ReadPath:
             else:
                 self._sessions.check_history(session)  # written before a failover?
         if self._sessions.required(session) == UNKNOWN_LSN and session is not None:
-            if not await self._settle_unknown(session, call_deadline) and route is None:
+            if not await self.settle_unknown(session, call_deadline) and route is None:
                 self._no_primary_for_unknown()
                 route = Route("primary")  # the primary cannot say where it is: read there
         while True:
@@ -463,43 +460,68 @@ class ReadPath:
         self._core.counters.caught_up_reads += 1
         return node
 
-    async def _settle_unknown(self, cell: Cell, until: float | None) -> bool:
-        """Give a cell whose position is unknown the primary's current one (read once).
+    async def settle_unknown(self, cell: Cell, until: float | None) -> bool:
+        """Give a cell whose position is unknown the primary's (True once it has one).
 
-        Reads that need it at the same time share one read of the primary, started after
-        every write acknowledged without a position (``Sessions.unknown_writes``): any
-        position the primary shows after a commit covers that commit. While no primary is
-        usable (the one that took the write died before its position was read, a crash
-        failover), that read waits up to ``primary_wait`` for one, as a write would: the
-        promoted standby's position covers every write that survived. ``until`` (loop
-        time, the call's deadline) bounds this caller's wait.
+        Its writes were acknowledged before their position was read (under contention, or
+        the read failed): the first read of the primary's position started after them
+        covers them (``Positions``, shared by every session waiting; no round trip when its
+        answer is in). While no primary is usable (the one that took the write died before
+        its position was read, a crash failover), that read waits up to ``primary_wait``
+        for one, as a write would: the promoted standby's position covers every write that
+        survived. ``until`` (loop time, the call's deadline) bounds this caller's wait.
         """
-        epoch = self._sessions.unknown_writes
-        shared = self._settling
-        if (
-            shared is None
-            or shared[0] != epoch
-            or (shared[1].done() and (shared[1].cancelled() or shared[1].result() is None))
-        ):
-            future = asyncio.ensure_future(self.current_positions(self._core.primary_wait))
-            self._settling = shared = (epoch, future)
-        left = None if until is None else max(0.0, until - asyncio.get_running_loop().time())
-        done, answer = await within(asyncio.shield(shared[1]), left)
-        if not done or answer is None:
-            return False
-        primary = self._core.cluster.primary
-        timeline = primary.timeline if primary is not None else None
-        self._sessions.settle_unknown(cell, answer[0], shared[0], timeline)
-        return True
+        sessions = self._sessions
+        timings = self._core.timings
+        started = perf_counter()
+        try:
+            while not sessions.settle_cached(cell):
+                future = self._writes.positions.request(cell.unknown)
+                left = (
+                    None if until is None else max(0.0, until - asyncio.get_running_loop().time())
+                )
+                done, answer = await within(asyncio.shield(future), left)
+                if not done or answer is None:
+                    return False
+                sessions.settle_unknown(cell, answer[1], answer[0], answer[2])
+            return True
+        finally:
+            timings.write_position_s += perf_counter() - started
+
+    async def _primary_position(self) -> tuple[int, int | None] | None:
+        """The primary's insert position now and its timeline (``Positions``' source).
+
+        While there is no usable primary, or it fails to answer (a switchover stopping
+        it), tries again up to ``primary_wait``; ``None`` when no primary answered.
+        """
+        core = self._core
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + core.primary_wait
+        while True:
+            primary = core.usable_primary()
+            if primary is None and core.primary_wait > 0:
+                primary = await self._writes.wait_for_primary(deadline)
+            if primary is None:
+                return None
+            timeline = primary.timeline
+            try:
+                row = await self.run_read(
+                    primary, _CURRENT_SQL, None, fetchone_raw, count=False, first=True
+                )
+                return token_position(parse_lsn(row[0])), timeline
+            except Exception as exc:
+                if core.cut_by_close(exc):
+                    raise core.not_open() from exc
+                if core.driver.is_disconnect(exc) or isinstance(exc, NodeUnavailableError):
+                    primary.note_error(exc)
+                    core.connection_failed(primary, exc)
+                if loop.time() >= deadline:
+                    return None
+                await asyncio.sleep(0.05)
 
     async def close(self) -> None:
         """Stop the replay pollers (the manager is closing)."""
         await self._watch.close()
-        settling, self._settling = self._settling, None
-        if settling is not None and not settling[1].done():
-            settling[1].cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await settling[1]
 
     async def _replay_position(self, node: Node) -> int:
         row = await self.run_read(node, _REPLAY_SQL, None, fetchone_raw, count=False, first=True)

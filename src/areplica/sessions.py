@@ -19,6 +19,11 @@ Which position a read requires follows program order (the README's table has eve
   requires its token and what it and its children wrote, nothing else; when the block exits
   its writes fold into the task that opened it.
 
+A write under contention records no position yet, only an epoch (``unknown_writes``); a
+read of a cell holding one first settles it with a read of the primary's position started
+after that epoch (``Positions`` in ``writes``, shared), so positions of writes nobody reads
+after are never waited for.
+
 The mechanism needs no task factory: each task gets a *cell* (its position and time of last
 write) on its first query, in a ContextVar of this manager. A cell that rises above its start
 registers with its parent (or, top-level, with the manager) and folds into it when its task is
@@ -174,9 +179,11 @@ class Sessions:
         self._done_write = 0.0
         self._highest_lsn = 0
         self._warned = WarnOnce(maxsize=1024)
-        #: Writes acknowledged without a position (each one also bumps an epoch: a
-        #: primary position read before the latest of them covers none after it).
+        #: Writes acknowledged without a position read yet (each one bumps an epoch: a
+        #: primary position read started when it was N covers the writes up to N).
         self.unknown_writes = 0
+        #: The latest such read's answer: (epoch when it started, LSN, timeline).
+        self._settled: tuple[int, int, int | None] | None = None
         self._causal = core.options.consistency == "causal"
         self._tracks = core.options.consistency != "eventual"
 
@@ -325,7 +332,11 @@ class Sessions:
         cell = self.current()
         if cell is None or not (cell.pos or cell.unknown):
             return None
-        return format_token(UNKNOWN_POS if cell.unknown else cell.pos)
+        if cell.unknown and not self.settle_cached(cell):
+            # A write's position not read yet (``settled_token()`` waits for it): the
+            # token that makes its reader ask the primary (``vet``), correct if slower.
+            return format_token(UNKNOWN_POS)
+        return format_token(cell.pos)
 
     @contextlib.asynccontextmanager
     async def open(
@@ -398,13 +409,14 @@ class Sessions:
             self._highest_lsn = lsn
 
     def note_unknown_write(self) -> None:
-        """A write committed but the WAL position covering it could not be read.
+        """A write committed and the WAL position covering it is not read (yet, or at all).
 
-        The current task then requires ``UNKNOWN_LSN`` (folded into its parent like any
-        position): no standby has it, so before its next read the read path reads the
-        primary's current position (one read shared by the reads waiting for it) and
-        ``settle_unknown()``s with it, or, when the primary cannot say, reads on the
-        primary. Never a stale read.
+        A write under contention returns before its position is read; a write whose
+        position read failed never has one. The current task then requires ``UNKNOWN_LSN``
+        (an epoch folded into its parent like a position): no standby has it, so before its
+        next read the read path settles it with a read of the primary's position started
+        after the write (``Positions``, one read for every write before it started), or,
+        when the primary cannot say, reads on the primary. Never a stale read.
         """
         self.unknown_writes += 1
         epoch = self.unknown_writes
@@ -417,6 +429,25 @@ class Sessions:
             self._done_write = max(self._done_write, now)
         else:
             self._raise(cell, 0, 0, now, epoch)
+
+    def remember(self, epoch: int, lsn: int, timeline: int | None) -> None:
+        """A read of the primary's position, started at ``epoch``, answered ``lsn``.
+
+        Later reads whose unknown writes it covers settle with it at once
+        (``settle_cached``), and so do finished top-level tasks at once.
+        """
+        if self._settled is None or epoch >= self._settled[0]:
+            self._settled = (epoch, lsn, timeline)
+        if self._done_unknown and self._done_unknown <= epoch:
+            self._done_unknown = 0
+            self._done_pos = max(self._done_pos, position(timeline, lsn))
+
+    def settle_cached(self, cell: Cell) -> bool:
+        """Settle ``cell``'s unknown position with the latest answer, if it covers it."""
+        settled = self._settled
+        if cell.unknown and settled is not None and cell.unknown <= settled[0]:
+            self.settle_unknown(cell, settled[1], settled[0], settled[2])
+        return not cell.unknown
 
     def settle_unknown(self, cell: Cell, lsn: int, epoch: int, timeline: int | None = None) -> None:
         """Settle an unknown position with ``lsn``, the primary's, read once ``epoch`` held.
@@ -459,6 +490,9 @@ class Sessions:
         is kept for this read and judged again on the next.
         """
         timeline, lsn = cell.pos >> 64, cell.pos & LSN_MASK
+        if lsn == UNKNOWN_LSN:
+            await self._settle_token(cell, positions)
+            return
         if self._known(timeline, lsn):
             cell.external = False
             return
@@ -478,6 +512,26 @@ class Sessions:
             self._judge_older(cell, timeline, lsn)
         elif not self._known(timeline, lsn):
             await self._judge_beyond(cell, lsn, current_tli, positions)
+
+    async def _settle_token(self, cell: Cell, positions: PositionReader) -> None:
+        """The "unknown" token: a write whose position its process had not read yet.
+
+        The write was acknowledged before the token was sent, so before now: the primary's
+        flush position now covers it (its commit record was flushed before the
+        acknowledgement, ``synchronous_commit = on``). The flush position, not the insert
+        position, as for a forged token: a record inserted but not flushed yet reaches no
+        standby, and anyone can send this token. While no primary answers: the highest
+        position a member has shown (a forged token never fails a read).
+        """
+        cell.external = False
+        answer = await positions()
+        primary = self._core.cluster.primary
+        if answer is not None and primary is not None:
+            self._highest_lsn = max(self._highest_lsn, answer[0])
+            cell.pos = max(position(primary.timeline, answer[1]), cell.wrote)
+        else:
+            self._known(0, 0)  # refreshes the highest position members have shown
+            cell.pos = max(position(None, self._highest_lsn), cell.wrote)
 
     def _known(self, timeline: int, lsn: int) -> bool:
         """True for a position on the primary's timeline within what members have shown."""

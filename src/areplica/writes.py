@@ -13,8 +13,12 @@ never sends a write twice. Writes are never retried. What a failure says is what
   (``Sessions.note_unknown_write``), so its next reads require the primary's current
   position or go to the primary. Logged and counted (``unknown_positions``).
 
-In ``causal`` mode every write records the primary's WAL position after its commit in the
-session.
+In ``causal`` mode every write records in its session the primary's WAL position after its
+commit. Without contention it is read on the write's connection. Under contention (callers
+wait for a connection) the write returns at its commit, its session notes the position as
+not read yet, and one read of the primary's position, started at once in the background and
+shared by every write noted before it started (``Positions``), settles it; the session's
+next read uses that answer, or waits for it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from time import perf_counter
 from typing import Any
 
@@ -46,7 +50,7 @@ class WritePath:
     def __init__(self, core: Core, sessions: Sessions) -> None:
         self._core = core
         self._sessions = sessions
-        self.positions = Positions(core)
+        self.positions = Positions(core, sessions)
 
     async def primary_connection(self, until: float | None = None) -> tuple[Node, Any]:
         """The primary and a connection to it, for a write or a transaction.
@@ -156,10 +160,12 @@ class WritePath:
         """Run one write on the primary (autocommit) and record its causal token.
 
         ``timeout`` bounds the wait for a connection only: a write once sent is never cut
-        short by areplica (its outcome would be unknown). The connection goes back as soon
-        as the statement and its results are done when other callers wait for one; the
-        position covering the commit is then read by ``Positions`` (one read covers every
-        write committed before it). Without contention it is read on the same connection.
+        short by areplica (its outcome would be unknown). Without contention the position
+        covering the commit is read on the same connection. When other callers wait for a
+        connection, it goes back as soon as the statement and its results are done and the
+        write returns: ``Positions`` reads the position in the background (one read covers
+        every write committed before it started), and the session's next read settles with
+        it.
         """
         core = self._core
         timings = core.timings
@@ -220,29 +226,16 @@ class WritePath:
         elif lsn is not None or not causal:
             self._sessions.note_write(lsn, timeline)
         else:
-            await self._record(node, timeline)
+            # Under contention: acknowledged at its commit. The session requires a position
+            # read after it (an epoch); that read starts now, shared with every write
+            # noted before it starts, so the next read rarely waits for it.
+            self._sessions.note_unknown_write()
+            self.positions.request(self._sessions.unknown_writes, writes=1)
         if fetch_error is not None:
             self._failed(node, fetch_error)  # raises NoPrimaryError on a broken connection
             with peewee.__exception_wrapper__:  # type: ignore[attr-defined]
                 raise fetch_error  # peewee's error types, as before
         return result
-
-    async def _record(self, node: Node, timeline: int | None) -> None:
-        """Note the committed write in the session with the position covering it."""
-        started = perf_counter()
-        try:
-            lsn = await self.positions.after_commit(node)
-        except asyncio.CancelledError:
-            # Cancelled after the commit: the write stands, its position is unknown.
-            self._core.counters.unknown_positions += 1
-            self._sessions.note_unknown_write()
-            raise
-        except Exception as exc:
-            self._unknown_position(node, exc)
-            return
-        finally:
-            self._core.timings.write_position_s += perf_counter() - started
-        self._sessions.note_write(lsn, timeline)
 
     def _unknown_position(self, node: Node, exc: Exception) -> None:
         core = self._core
@@ -305,43 +298,69 @@ async def _fetch_guarded(
         return None, exc
 
 
-class Positions:
-    """The primary's WAL position after commits, one read for every write waiting on it.
+#: A read of the primary's position for sessions: (``Sessions.unknown_writes`` when it
+#: started, its insert position, the primary's timeline); ``None``: the primary could not say.
+Answer = tuple[int, int, "int | None"]
+#: Reads the primary's insert position now and the timeline it is on (``None``: no primary
+#: answered within ``primary_wait``); given by the read path (``Positions.bind``).
+PositionSource = Callable[[], Awaitable["tuple[int, int | None] | None"]]
 
-    A write committed, its connection given back, waits for the position that covers its
-    commit: the result of a read of ``pg_current_wal_insert_lsn()`` *started after* the
-    commit was acknowledged (then it covers the commit record). Writes that commit while
-    one such read is in flight wait for the next, so each read covers every write that
-    committed before it started. One reader task per node reads as long as writes wait,
-    on a pool connection taken ahead of the queue (a write's connection is back by then,
-    so this never waits behind the writes it serves). A failed read fails every write of
-    its batch over to an unknown position (``WritePath._unknown_position``).
+
+class Positions:
+    """The primary's WAL position for sessions whose writes' positions are not read yet.
+
+    A session needs a read of the primary's insert position *started after* its write was
+    acknowledged (then it covers the commit record); ``Sessions.unknown_writes`` orders
+    them: a read started when it was N covers every write noted as N or before. One reader
+    task reads as long as someone waits: a write under contention starts it at its commit
+    (``request`` without waiting), a read of a session that needs it waits for the answer.
+    Requests that come while a read covering them is in flight join it; the others wait
+    for the next, which covers them all. Each answer is remembered by the sessions
+    (``Sessions.remember``), which settles later reads it covers without a round trip.
+    A read that fails leaves its writes' positions unknown (counted in
+    ``unknown_positions``, logged): the next read needing one tries again.
     """
 
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, sessions: Sessions) -> None:
         self._core = core
-        self._next: dict[Node, asyncio.Future[int]] = {}
-        self._readers: dict[Node, asyncio.Task[None]] = {}
+        self._sessions = sessions
+        self._source: PositionSource | None = None
+        self._next: asyncio.Future[Answer | None] | None = None
+        self._next_writes = 0
+        self._inflight: tuple[int, asyncio.Future[Answer | None]] | None = None
+        self._reader: asyncio.Task[None] | None = None
 
-    async def after_commit(self, node: Node) -> int:
-        """The position covering a write on ``node`` committed before this call."""
+    def bind(self, source: PositionSource) -> None:
+        """Read positions with ``source`` (the read path's, with its bounds and retries)."""
+        self._source = source
+
+    def request(self, need: int, *, writes: int = 0) -> asyncio.Future[Answer | None]:
+        """The first read covering writes noted up to ``need``, started if none is coming.
+
+        ``writes``: how many writes this request stands for (counted if the read fails).
+        """
+        inflight = self._inflight
+        if inflight is not None and inflight[0] >= need:
+            return inflight[1]
         loop = asyncio.get_running_loop()
-        future = self._next.get(node)
+        future = self._next
         if future is None:
-            future = loop.create_future()
+            future = self._next = loop.create_future()
             future.add_done_callback(_retrieve)
-            self._next[node] = future
-        reader = self._readers.get(node)
-        if reader is None or reader.done():
-            self._readers[node] = loop.create_task(
-                self._serve(node), name=f"{node.name}-write-positions"
+        self._next_writes += writes
+        if self._reader is None or self._reader.done():
+            self._reader = loop.create_task(
+                self._serve(), name=f"{self._core.name}-write-positions"
             )
-        return await asyncio.shield(future)
+        return future
 
-    async def _serve(self, node: Node) -> None:
-        while (future := self._next.pop(node, None)) is not None:
+    async def _serve(self) -> None:
+        while (future := self._next) is not None:
+            writes, self._next, self._next_writes = self._next_writes, None, 0
+            start = self._sessions.unknown_writes
+            self._inflight = (start, future)
             try:
-                lsn = await self._read(node)
+                found = await self._read()
             except BaseException as exc:
                 if not future.done():
                     future.set_exception(
@@ -349,40 +368,48 @@ class Positions:
                     )
                 if isinstance(exc, asyncio.CancelledError):
                     raise
+                continue
+            finally:
+                self._inflight = None
+            if found is None:
+                self._unread(writes)
+                answer = None
             else:
-                if not future.done():
-                    future.set_result(lsn)
+                answer = (start, found[0], found[1])
+                self._sessions.remember(*answer)
+            if not future.done():
+                future.set_result(answer)
 
-    async def _read(self, node: Node) -> int:
-        """The primary's insert position now, on a connection of its pool."""
-        pool = node.pool
-        deadline = None
-        if node.pool_timeout is not None:
-            deadline = asyncio.get_running_loop().time() + node.pool_timeout
-        conn = await pool.acquire(deadline=deadline, first=True)
-        self._core.timings.position_reads += 1
-        discard = True
+    async def _read(self) -> tuple[int, int | None] | None:
+        if self._source is None:
+            raise RuntimeError("Positions.bind() was not called")
         try:
-            async with conn.cursor() as cursor:
-                lsn = await _read_position(cursor)
-            discard = False
+            return await self._source()
         finally:
-            pool.release(conn, discard=discard)
-        return lsn
+            self._core.timings.position_reads += 1
+
+    def _unread(self, writes: int) -> None:
+        if not writes:
+            return
+        core = self._core
+        core.counters.unknown_positions += writes
+        logger.warning(
+            "%s: %d write(s) committed, but reading the primary's WAL position after them "
+            "failed: acknowledged; their sessions' next reads need the primary's position",
+            core.name,
+            writes,
+        )
 
     async def close(self) -> None:
-        """Stop the readers; a write still waiting sees its position unknown."""
-        readers = list(self._readers.values())
-        self._readers.clear()
-        for reader in readers:
+        """Stop the reader; a read still waiting sees ``ManagerClosedError``."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
             reader.cancel()
-        for reader in readers:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
-        for future in self._next.values():
-            if not future.done():
-                future.set_exception(self._core.not_open())
-        self._next.clear()
+        future, self._next = self._next, None
+        if future is not None and not future.done():
+            future.set_exception(self._core.not_open())
 
 
 async def _read_position(cursor: Any) -> int:
@@ -392,7 +419,7 @@ async def _read_position(cursor: Any) -> int:
     return token_position(parse_lsn(row[0]))
 
 
-def _retrieve(future: asyncio.Future[int]) -> None:
+def _retrieve(future: asyncio.Future[Answer | None]) -> None:
     """Mark a batch's error retrieved: its writers may all be gone (cancelled)."""
     if not future.cancelled():
         future.exception()

@@ -50,7 +50,7 @@ def token_middleware(*, secure_cookie: bool = False) -> Middleware:
         async with manager.session(incoming, client=request.remote):
             start = manager.token
             response: web.StreamResponse = await handler(request)
-            token = manager.token  # with the work of finished child tasks
+            token = await manager.settled_token()  # with finished child tasks' work
             if token is not None and token != start and not response.prepared:
                 response.headers[TOKEN_HEADER] = token
                 response.set_cookie(

@@ -108,7 +108,7 @@ class AreplicaMiddleware:
 
             async def send_with_token(message: Message) -> None:
                 if message["type"] == "http.response.start":
-                    token = manager.token  # with the work of finished child tasks
+                    token = await manager.settled_token()  # with finished children's work
                     if token is not None and token != start:
                         headers = list(message.get("headers", ()))
                         headers.append((self.header, token.encode("latin-1")))
