@@ -251,12 +251,7 @@ async def test_a_drip_slower_than_the_timeout_fails_at_the_timeout(
 
 
 async def test_keep_alive_reuses_one_connection(serve: Any) -> None:
-    async def handler(request: Request, writer: asyncio.StreamWriter) -> bool:
-        writer.write(http11(BODY))
-        await writer.drain()
-        return True
-
-    server = await serve(handler)
+    server = await serve(answer_ok)
     src = source(server.url)
     try:
         for _ in range(10):
@@ -459,12 +454,7 @@ async def test_a_cancelled_fetch_leaves_no_task_behind(serve: Any) -> None:
 
 
 async def test_failover_to_the_next_endpoint_and_prefer_it(serve: Any) -> None:
-    async def handler(request: Request, writer: asyncio.StreamWriter) -> bool:
-        writer.write(http11(BODY))
-        await writer.drain()
-        return True
-
-    server = await serve(handler)
+    server = await serve(answer_ok)
     dead = "http://127.0.0.1:1"
     src = source(dead, server.url, timeout=1.0)
     try:
@@ -496,13 +486,8 @@ async def test_a_hung_first_endpoint_does_not_cost_the_round(serve: Any) -> None
         await hung.hang()
         return False
 
-    async def answer(request: Request, writer: asyncio.StreamWriter) -> bool:
-        writer.write(http11(BODY))
-        await writer.drain()
-        return True
-
     hung = await serve(hang)
-    good = await serve(answer)
+    good = await serve(answer_ok)
     src = source(hung.url, good.url, timeout=1.0)
     try:
         began = time.monotonic()
@@ -559,12 +544,7 @@ async def test_answers_from_another_cluster_are_refused(
 
 
 async def test_close_is_idempotent_and_the_source_reopens(serve: Any) -> None:
-    async def handler(request: Request, writer: asyncio.StreamWriter) -> bool:
-        writer.write(http11(BODY))
-        await writer.drain()
-        return True
-
-    server = await serve(handler)
+    server = await serve(answer_ok)
     src = source(server.url)
     await src.close()  # never opened
     assert await src.fetch() is not None
@@ -580,12 +560,7 @@ async def test_close_is_idempotent_and_the_source_reopens(serve: Any) -> None:
 
 
 async def test_an_idle_source_releases_its_client(serve: Any) -> None:
-    async def handler(request: Request, writer: asyncio.StreamWriter) -> bool:
-        writer.write(http11(BODY))
-        await writer.drain()
-        return True
-
-    server = await serve(handler)
+    server = await serve(answer_ok)
     src = source(server.url, keepalive=0.2)
     assert await src.fetch() is not None
     client = src._client
