@@ -269,6 +269,9 @@ class ReadPath:
         if session is not None and session.pos:
             if session.external:
                 await self._sessions.vet(session, self.current_positions, self._learn)
+                # Judging the token (a health round while no primary answers) is not
+                # catching up: the standbys get their causal_wait from its verdict on.
+                catch_up_until = max(catch_up_until, loop.time() + core.options.causal_wait)
             else:
                 self._sessions.check_history(session)  # written before a failover?
         if self._sessions.required(session) == UNKNOWN_LSN and session is not None:
