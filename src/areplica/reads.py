@@ -262,22 +262,21 @@ class ReadPath:
             pool_deadline = (
                 call_deadline if pool_deadline is None else min(pool_deadline, call_deadline)
             )
-        catch_up_until = started + core.options.causal_wait
         tried: set[Node] = set()
         attempt = 0
         session = self._sessions.current()
         if session is not None and session.pos:
             if session.external:
                 await self._sessions.vet(session, self.current_positions, self._learn)
-                # Judging the token (a health round while no primary answers) is not
-                # catching up: the standbys get their causal_wait from its verdict on.
-                catch_up_until = max(catch_up_until, loop.time() + core.options.causal_wait)
             else:
                 self._sessions.check_history(session)  # written before a failover?
         if self._sessions.required(session) == UNKNOWN_LSN and session is not None:
             if not await self.settle_unknown(session, call_deadline) and route is None:
                 self._no_primary_for_unknown()
                 route = Route("primary")  # the primary cannot say where it is: read there
+        # Judging a token (a health round while no primary answers) and reading an unknown
+        # position are not catching up: the standbys get one causal_wait from here on.
+        catch_up_until = loop.time() + core.options.causal_wait
         while True:
             node, nodes = await self._choose(
                 route, tried, max_staleness, session, catch_up_until, call_deadline

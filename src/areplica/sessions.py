@@ -521,7 +521,7 @@ class Sessions:
         acknowledgement, ``synchronous_commit = on``). The flush position, not the insert
         position, as for a forged token: a record inserted but not flushed yet reaches no
         standby, and anyone can send this token. While no primary answers: the highest
-        position a member has shown (a forged token never fails a read).
+        position an up standby has replayed (a forged token never fails a read).
         """
         cell.external = False
         answer = await positions()
@@ -530,8 +530,18 @@ class Sessions:
             self._highest_lsn = max(self._highest_lsn, answer[0])
             cell.pos = max(position(primary.timeline, answer[1]), cell.wrote)
         else:
-            self._known(0, 0)  # refreshes the highest position members have shown
-            cell.pos = max(position(None, self._highest_lsn), cell.wrote)
+            cell.pos = max(position(None, self._standbys_have()), cell.wrote)
+
+    def _standbys_have(self) -> int:
+        """The highest position an up standby has replayed (else the highest shown).
+
+        With no primary answering, a stopped or crashed primary's last position may be
+        past anything its standbys will ever replay (its last records unsent).
+        """
+        cluster = self._core.cluster
+        replayed = [n.lsn for n in cluster if n.role != "primary" and n.state == "up" and n.lsn]
+        self._known(0, 0)  # refreshes the highest position members have shown
+        return max(replayed, default=self._highest_lsn)
 
     def _known(self, timeline: int, lsn: int) -> bool:
         """True for a position on the primary's timeline within what members have shown."""
@@ -582,7 +592,8 @@ class Sessions:
         self, cell: Cell, lsn: int, timeline: int | None, positions: PositionReader
     ) -> None:
         """A token beyond every position seen: the primary's own positions decide."""
-        current = clamp = self._highest_lsn
+        current = self._highest_lsn
+        clamp = self._standbys_have()  # no primary answers: what a standby can serve
         answer = await positions()
         if answer is not None:
             # A record inserted but not yet flushed (an asynchronous commit, a background

@@ -138,7 +138,7 @@ async def test_forged_token_while_wal_awaits_its_flush_reads_from_replicas(
 async def test_forged_token_with_the_primary_down_fails_no_read(
     own_topology: LocalTopology, driver: str
 ) -> None:
-    """A far-future token is clamped to the highest position any member showed."""
+    """A far-future token is clamped to the highest position an up standby replayed."""
     replicas = {own_topology.port("replica-1"), own_topology.port("replica-2")}
     async with manager_of(own_topology, driver=driver, fail_after=1) as mgr:
         own_topology.stop("primary")
