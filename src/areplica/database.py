@@ -589,6 +589,16 @@ class _RoutingMixin:
             sql_logger.debug((sql, params))
         return await engine.execute_sql(sql, params, fetch_results)
 
+    async def aio_create_tables(self, models: list[Any], **options: Any) -> None:
+        """peewee-async's ``aio_create_tables``, in one transaction on the primary.
+
+        The transaction holds the advisory lock ``mgr.create_tables`` holds, so that workers
+        starting together (each creating the same tables) wait for each other.
+        """
+        await self._ensure_open()
+        async with self._engine.schema_change():
+            await super().aio_create_tables(models, **options)  # type: ignore[misc]
+
     async def aio_sequence_exists(self, seq: str) -> bool:
         """Catalog reads that decide DDL read the primary: never a replica's stale catalog."""
         async with self._engine.sessions.scope(Route("primary")):

@@ -10,7 +10,8 @@ primary (never inside ``replica()``); a read by the read path's rules. The routi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import peewee
@@ -18,13 +19,18 @@ import peewee
 from .core import Core
 from .errors import ConfigurationError, ReadOnlyScopeError
 from .reads import ReadPath
-from .results import FetchResults, default_fetch, fetch_raw
+from .results import FetchResults, default_fetch, fetch_raw, fetchall_or_none
 from .routing import QueryKind, classify_query, classify_sql
 from .sessions import Route, Sessions
 from .transactions import Transactions
 from .writes import WritePath
 
-__all__ = ["Engine"]
+__all__ = ["SCHEMA_LOCK", "Engine"]
+
+#: The advisory lock (``pg_advisory_xact_lock``) that ``create_tables`` holds on the primary:
+#: "areplica" in ASCII, read as a bigint. Workers that start together and each create the
+#: same tables wait for each other instead of failing (see ``Engine.schema_change``).
+SCHEMA_LOCK = 0x617265706C696361
 
 
 class Engine:
@@ -116,6 +122,21 @@ class Engine:
         if binding is not None:
             return await self.transactions.run_bound(binding, sql, params, fetch)
         return await self.reads.read(sql, params, fetch, route, max_staleness, timeout)
+
+    @contextlib.asynccontextmanager
+    async def schema_change(self) -> AsyncIterator[None]:
+        """A transaction on the primary that holds ``SCHEMA_LOCK`` until it ends.
+
+        PostgreSQL's ``CREATE ... IF NOT EXISTS`` is not safe against itself: two sessions
+        that both find a name free both insert it, and one fails on a catalog's unique index
+        (``pg_type_typname_nsp_index``). Under the lock the second worker finds the first
+        one's tables and skips them. Inside a transaction it joins that transaction.
+        """
+        async with self.transactions.transaction():
+            await self.execute_sql(
+                "SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,), fetchall_or_none
+            )
+            yield
 
     def on_route(self, on: str) -> Route:
         """The route of a per-call ``on="primary" | "replica" | NAME``."""

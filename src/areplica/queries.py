@@ -229,20 +229,25 @@ class QueryAPI:
         return result
 
     async def create_tables(self, models: Iterable[Any], safe: bool = True, **options: Any) -> None:
-        """Create the models' sequences, tables and indexes on the primary."""
+        """Create the models' sequences, tables and indexes on the primary.
+
+        In one transaction holding an advisory lock, so that workers starting together
+        (each creating the same tables) wait for each other instead of failing.
+        """
         execute = self._engine.execute
-        for model in peewee.sort_models(list(models)):  # type: ignore[attr-defined]
-            schema = model._schema
-            for fld in model._meta.sorted_fields:
-                if fld.sequence and self._engine.core.database.sequences:
-                    await execute(
-                        schema._create_context()
-                        .literal("CREATE SEQUENCE IF NOT EXISTS ")
-                        .sql(schema._sequence_for_field(fld))
-                    )
-            await execute(schema._create_table(safe=safe, **options))
-            for index in schema._create_indexes(safe=safe):
-                await execute(index)
+        async with self._engine.schema_change():
+            for model in peewee.sort_models(list(models)):  # type: ignore[attr-defined]
+                schema = model._schema
+                for fld in model._meta.sorted_fields:
+                    if fld.sequence and self._engine.core.database.sequences:
+                        await execute(
+                            schema._create_context()
+                            .literal("CREATE SEQUENCE IF NOT EXISTS ")
+                            .sql(schema._sequence_for_field(fld))
+                        )
+                await execute(schema._create_table(safe=safe, **options))
+                for index in schema._create_indexes(safe=safe):
+                    await execute(index)
 
     async def drop_tables(self, models: Iterable[Any], safe: bool = True, **options: Any) -> None:
         """Drop the models' tables on the primary."""

@@ -8,6 +8,7 @@ classifier, not the fallback, must have sent them there.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import peewee
@@ -16,7 +17,7 @@ from peewee import fn
 
 from areplica import ReplicaManager
 from areplica.testing.topology import LocalTopology
-from tests.conftest import Author, PlainCounter, Post, caught_up, sql_on
+from tests.conftest import Author, BaseModel, PlainCounter, Post, caught_up, make_manager, sql_on
 
 pytestmark = pytest.mark.integration
 
@@ -279,3 +280,37 @@ async def test_a_write_inside_replica_scope_sends_nothing(
     assert sql_on(topology, "primary", "SELECT karma FROM author WHERE name = 'alex'") == [(3,)]
     assert {s.name: s.writes for s in mgr.status()} == writes
     assert mgr.status()[0].errors == 0
+
+
+async def test_create_tables_from_many_workers_at_once(
+    mgr: ReplicaManager, topology: LocalTopology
+) -> None:
+    """Workers starting together (``uvicorn --workers 4``) each create the tables at startup.
+
+    PostgreSQL's ``CREATE TABLE IF NOT EXISTS`` is not safe against itself: two sessions that
+    both find the name free both insert it, and one fails on ``pg_type_typname_nsp_index``.
+    ``create_tables`` serializes the creation on the primary, so every worker succeeds and
+    the tables exist once on the primary. So does ``aio_create_tables`` of the routing
+    database, from tasks of one process.
+    """
+
+    workers = [make_manager(topology) for _ in range(4)]
+    names = [f"routing_startup_{n}" for n in range(12)]
+    try:
+        for worker in workers:
+            await worker.connect()
+        for n, name in enumerate(names):
+            meta = type("Meta", (), {"table_name": name})
+            model = type(name, (BaseModel,), {"tag": peewee.TextField(index=True), "Meta": meta})
+            if n % 2:
+                await asyncio.gather(*(worker.create_tables([model]) for worker in workers))
+            else:
+                await asyncio.gather(*(mgr.database.aio_create_tables([model]) for _ in workers))
+            assert sql_on(topology, "primary", f"SELECT to_regclass('{name}') IS NOT NULL") == [
+                (True,)
+            ]
+    finally:
+        for worker in workers:
+            await worker.close()
+        for name in names:
+            sql_on(topology, "primary", f"DROP TABLE IF EXISTS {name}")

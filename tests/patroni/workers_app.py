@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import peewee
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -26,12 +27,19 @@ def create() -> FastAPI:
         patroni=os.environ["WORKERS_PATRONI"].split(";"), dsn=os.environ["WORKERS_DSN"]
     )
 
+    class WorkersLog(peewee.Model):
+        id = peewee.BigAutoField()
+        tag = peewee.TextField(null=True)
+
+        class Meta:
+            database = mgr.database
+            table_name = "workers_log"
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with mgr:
-            await mgr.execute_sql(
-                "CREATE TABLE IF NOT EXISTS workers_log (id bigserial PRIMARY KEY, tag text)"
-            )
+            # Every worker creates the table at startup: create_tables serializes them.
+            await mgr.create_tables([WorkersLog])
             app.state.areplica = mgr
             yield
 
