@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -135,18 +136,43 @@ async def test_forged_token_while_wal_awaits_its_flush_reads_from_replicas(
         topo.wait_replicated()
 
 
+@pytest.mark.parametrize("how", ["stop", "kill"])
 async def test_forged_token_with_the_primary_down_fails_no_read(
-    own_topology: LocalTopology, driver: str
+    own_topology: LocalTopology, driver: str, how: str
 ) -> None:
-    """A far-future token is clamped to the highest position an up standby replayed."""
-    replicas = {own_topology.port("replica-1"), own_topology.port("replica-2")}
-    async with manager_of(own_topology, driver=driver, fail_after=1) as mgr:
-        own_topology.stop("primary")
+    """Forged and unknown tokens settle at the highest position an up standby replayed.
+
+    Stopped (a shutdown checkpoint the standbys replay) or SIGKILLed in the middle of a
+    stream of writes (WAL the standbys never receive): no read fails, every one is served by
+    a standby, and none waits for the dead primary.
+    """
+    topo = own_topology
+    replicas = {topo.port("replica-1"), topo.port("replica-2")}
+    sql_on(topo, "primary", "CREATE TABLE IF NOT EXISTS hostile_burst (n int)")
+    async with manager_of(topo, driver=driver, fail_after=1) as mgr:
+        if how == "kill":
+            # Writes in flight when the primary dies: WAL generated that no standby gets.
+            burst = "INSERT INTO hostile_burst SELECT generate_series(1, 20000)"
+            writers = [asyncio.create_task(writes_until_refused(mgr, burst)) for _ in range(3)]
+            await asyncio.sleep(0.5)
+            topo.kill("primary")
+            assert sum(await asyncio.gather(*writers)) > 0  # it was writing when killed
+        else:
+            topo.stop("primary")
         try:
             await wait_for(lambda: mgr.status()[0].state == "down", 15)
             failures: list[BaseException] = []
             served = set()
-            for token in ("FFFFFFFF/FFFFFFFF", "FFFFFFFF/FFFFFFFE", "7FFFFFFF/0", "FFFF/FFFF"):
+            tokens = (
+                "FFFFFFFF/FFFFFFFF",
+                "FFFFFFFF/FFFFFFFE",
+                "7FFFFFFF/0",
+                "FFFF/FFFF",
+                "FFFFFFFF/FFFFFFFF/FFFFFFFF",  # the unknown token (a write's unread position)
+                "1/FFFFFFFF/FFFFFFFF",
+                "9/1/0",  # a timeline no member has seen
+            )
+            for token in tokens:
                 for _ in range(20):
                     async with mgr.session(token, client="203.0.113.9"):
                         try:
@@ -158,5 +184,17 @@ async def test_forged_token_with_the_primary_down_fails_no_read(
             assert failures == []
             assert served <= replicas
         finally:
-            own_topology.start_node("primary")
+            topo.start_node("primary")
             await wait_for(lambda: mgr.status()[0].state == "up", 30)
+            topo.wait_replicated()
+
+
+async def writes_until_refused(mgr: ReplicaManager, sql: str) -> int:
+    """Write until the primary is gone (the error is the point: it was killed); how many."""
+    done = 0
+    while True:
+        try:
+            await mgr.execute_sql(sql)
+        except Exception:
+            return done
+        done += 1
