@@ -14,11 +14,14 @@ module's private state. ``tests/unit/test_layers.py`` checks this table against 
     0  history       timeline histories: which positions are on the primary's (pure)
     1  drivers       aiopg and psycopg adapters: connect, close, cancel, error meanings
     1  options       every option: default, validation, environment parsing
-    2  node          one server: its pool, connection slots, counters, status
+    1  servers       which server a member's address leads to: one, a new one, several
+    2  pool          one node's connection pool: open, check, recycle, slots, deadlines
+    2  node          one server: role, state, counters, status, its pool
     3  cluster       the members, identity, discovered roles
     0  membership    which members a source's answer adds, flags and removes (pure)
     4  sources       member sources: Patroni REST (aiohttp)
-    4  health        probes, lag, the state machine, the background health task
+    4  probe         a node's probe: its dedicated connection, one round trip, what it saw
+    4  health        lag, the state machine, the background health task over the probes
     5  core          what every query path shares: options, cluster, lifecycle, counters
     6  sessions      causal cells that follow the program, tokens in and out, vetting; scopes
     6  replay        reads waiting for standbys to replay a position: one poller per node

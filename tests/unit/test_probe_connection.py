@@ -16,8 +16,8 @@ import pytest
 
 from areplica import dsn as dsn_mod
 from areplica.drivers import get_driver
-from areplica.health import ProbeConnection
 from areplica.node import Node
+from areplica.probe import ProbeConnection
 
 ROW = (True, "0/3000000", None, time.time(), 7, 1, 1000.0, 5433, 1)
 

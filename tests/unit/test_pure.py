@@ -136,7 +136,8 @@ def test_dsn_masking() -> None:
 
 def test_lag_seconds_from_history_and_replay_age() -> None:
     from areplica.cluster import Cluster, Identity
-    from areplica.health import HealthMonitor, HealthSettings, ProbeResult
+    from areplica.health import HealthMonitor, HealthSettings
+    from areplica.probe import ProbeResult
 
     settings = HealthSettings("lag", 1.0, 1.0, 3, 2, None, None, None)
     monitor = HealthMonitor(Cluster("lag"), settings, [])

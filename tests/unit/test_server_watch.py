@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from areplica.node import ACCEPT_AFTER, ServerWatch
+from areplica.servers import ACCEPT_AFTER, ServerWatch
 
 A = (7, 1000.0, 5433)
 B = (7, 1001.5, 5434)

@@ -6,8 +6,9 @@ import pwd
 
 import pytest
 
-from areplica.testing import topology as topology_module
-from areplica.testing.topology import SetupError, service_user
+from areplica.testing import postgres as postgres_module
+from areplica.testing.postgres import service_user
+from areplica.testing.processes import SetupError
 
 
 def entry(name: str, uid: int = 990) -> pwd.struct_passwd:
@@ -32,8 +33,8 @@ class FakeUsers:
 @pytest.fixture
 def users(monkeypatch: pytest.MonkeyPatch) -> FakeUsers:
     fake = FakeUsers()
-    monkeypatch.setattr(topology_module.pwd, "getpwnam", fake.getpwnam)
-    monkeypatch.setattr(topology_module, "_create_user", fake.create)
+    monkeypatch.setattr(postgres_module.pwd, "getpwnam", fake.getpwnam)
+    monkeypatch.setattr(postgres_module, "_create_user", fake.create)
     monkeypatch.delenv("AREPLICA_PG_USER", raising=False)
     return fake
 
@@ -47,7 +48,7 @@ def test_postgres_is_used_when_it_exists(users: FakeUsers) -> None:
 def test_without_postgres_a_dedicated_user_is_created_never_postgres(
     users: FakeUsers, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level("INFO", logger="areplica.testing.topology")
+    caplog.set_level("INFO", logger="areplica.testing.postgres")
     assert service_user().pw_name == "areplica"
     assert users.created == ["areplica"]
     assert [r.levelname for r in caplog.records] == ["INFO"]
@@ -74,8 +75,8 @@ def test_root_as_the_service_user_is_refused(
 
 
 def test_no_useradd_is_one_line_saying_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(topology_module.pwd, "getpwnam", lambda name: {}[name])
-    monkeypatch.setattr(topology_module, "_useradd", lambda: None)
+    monkeypatch.setattr(postgres_module.pwd, "getpwnam", lambda name: {}[name])
+    monkeypatch.setattr(postgres_module, "_useradd", lambda: None)
     monkeypatch.delenv("AREPLICA_PG_USER", raising=False)
     with pytest.raises(SetupError) as info:
         service_user()

@@ -61,8 +61,8 @@ import psycopg2
 from psycopg2.extensions import make_dsn
 
 from ._support import REPLAY_TARGET_SQL, TopologyLifecycle, replay_target, run_sql
+from .postgres import find_pg_bin, run_as
 from .processes import HOST, Postmaster, ProcessOwner, ServiceAccount, Spawned, free_port, tail
-from .topology import find_pg_bin, run_as
 
 __all__ = ["PatroniTopology", "PatroniUnavailable", "Switchover"]
 
