@@ -13,6 +13,7 @@ import collections
 import contextvars
 import sys
 import threading
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -53,10 +54,16 @@ async def mgr(late: LocalTopology, driver: str) -> AsyncIterator[ReplicaManager]
 
 
 def assert_late(topology: LocalTopology) -> None:
-    """The setup lags: a row just written on the primary is not on replica-1 yet."""
-    sql_on(topology, "primary", "INSERT INTO counter (label) VALUES ('late-check')")
-    count = "SELECT count(*) FROM counter WHERE label = 'late-check'"
-    assert sql_on(topology, "replica-1", count)[0][0] < sql_on(topology, "primary", count)[0][0]
+    """The setup lags: a row just written on the primary is not on replica-1 yet.
+
+    A label of its own each time: replica-1 replays the next test's ``TRUNCATE`` 3 s late,
+    so a shared label's old row could still be there and match the primary's count.
+    """
+    label = f"late-check-{uuid.uuid4().hex}"
+    sql_on(topology, "primary", "INSERT INTO counter (label) VALUES (%s)", (label,))
+    count = "SELECT count(*) FROM counter WHERE label = %s"
+    assert sql_on(topology, "replica-1", count, (label,)) == [(0,)]
+    assert sql_on(topology, "primary", count, (label,)) == [(1,)]
 
 
 def ports(topology: LocalTopology) -> dict[int, str]:
@@ -377,9 +384,17 @@ async def test_fan_out_keeps_reads_on_standbys(
 
 async def test_siblings_do_not_drag_each_other(mgr: ReplicaManager, late: LocalTopology) -> None:
     """Readers running beside a writer (not awaiting it) need nothing: the late standby
-    serves them too, and none goes to the primary."""
+    serves them too, and none goes to the primary.
+
+    The README's rows for children and siblings: the test task reads first, so the readers
+    and the writer are children of a live parent; a child sees what its parent had when it
+    first queried, never a sibling's later writes. (Had the test task never queried, all
+    of them would be top-level tasks, and a reader would require the writer's writes once it
+    finished: the top-level row. That case is test_awaited_writes_are_read_back's.)
+    """
     names = ports(late)
     where: collections.Counter[str] = collections.Counter()
+    assert (await read_row(mgr, "nothing"))[0] is False  # the parent's cell: nothing required
 
     async def writer() -> None:
         for i in range(20):
