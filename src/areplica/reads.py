@@ -20,7 +20,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from time import perf_counter
-from typing import Any, cast
+from typing import Any, Literal, NoReturn, cast
 
 import peewee
 
@@ -46,6 +46,9 @@ __all__ = ["ReadPath"]
 logger = logging.getLogger("areplica")
 
 _REPLAY_SQL = "SELECT pg_last_wal_replay_lsn()::text"
+#: How ``ReadPath.settle_unknown`` ended: the position is known, no primary answered within
+#: ``primary_wait``, or the caller's deadline passed first.
+Settled = Literal["settled", "no primary", "timed out"]
 #: The primary's insert position (what a genuine token can be at most) and its flush
 #: position (what standbys can have received: WAL is sent once flushed).
 _CURRENT_SQL = "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"
@@ -192,13 +195,21 @@ class ReadPath:
         core.counters.fallback_reads += 1
         return self.readable_primary()
 
-    def _no_primary_for_unknown(self) -> None:
-        """``NoPrimaryError`` when a session of unknown position has no primary to read on."""
+    def _no_primary_for_unknown(self) -> NoReturn:
+        """``NoPrimaryError``: a session of unknown position, and no primary told its position.
+
+        Also while the health task still has the primary "up": its position read has just
+        failed (a primary dying between a write's commit and that read), so a read sent
+        there would fail too, and no standby is known to have the write.
+        """
         core = self._core
         node = core.cluster.primary
-        if node is not None and node.state == "up":
-            return
-        state = "no primary is known" if node is None else f"primary {node.label} is {node.state}"
+        if node is None:
+            state = "no primary is known"
+        elif node.state == "up":
+            state = f"primary {node.label} did not answer"
+        else:
+            state = f"primary {node.label} is {node.state}"
         waited = f" within primary_wait ({core.primary_wait:g}s)" if core.primary_wait > 0 else ""
         raise NoPrimaryError(
             f"{core.name}: this session wrote, but its write's WAL position was never read "
@@ -272,9 +283,19 @@ class ReadPath:
             else:
                 self._sessions.check_history(session)  # written before a failover?
         if self._sessions.required(session) == UNKNOWN_LSN and session is not None:
-            if not await self.settle_unknown(session, call_deadline) and route is None:
+            settled = await self.settle_unknown(session, call_deadline)
+            if settled == "timed out":
+                raise ReadTimeoutError(
+                    f"{core.name}: a read ran out of its timeout ({timeout:g}s) waiting for "
+                    "the primary's WAL position (this session's last write was acknowledged "
+                    "before its position was read)",
+                    node=core.cluster.primary.name if core.cluster.primary else None,
+                    timeout=timeout,
+                )
+            if settled == "no primary" and route is None:
                 self._no_primary_for_unknown()
-                route = Route("primary")  # the primary cannot say where it is: read there
+            if settled == "no primary":
+                route = Route("primary")  # in primary(): the primary's own error, below
         # Judging a token (a health round while no primary answers) and reading an unknown
         # position are not catching up: the standbys get one causal_wait from here on.
         catch_up_until = loop.time() + core.options.causal_wait
@@ -463,8 +484,8 @@ class ReadPath:
         self._core.counters.caught_up_reads += 1
         return node
 
-    async def settle_unknown(self, cell: Cell, until: float | None) -> bool:
-        """Give a cell whose position is unknown the primary's (True once it has one).
+    async def settle_unknown(self, cell: Cell, until: float | None) -> Settled:
+        """Give a cell whose position is unknown the primary's ("settled" once it has one).
 
         Its writes were acknowledged before their position was read (under contention, or
         the read failed): the first read of the primary's position started after them
@@ -472,7 +493,8 @@ class ReadPath:
         answer is in). While no primary is usable (the one that took the write died before
         its position was read, a crash failover), that read waits up to ``primary_wait``
         for one, as a write would: the promoted standby's position covers every write that
-        survived. ``until`` (loop time, the call's deadline) bounds this caller's wait.
+        survived ("no primary" when none answered). ``until`` (loop time, the call's
+        deadline) bounds this caller's wait ("timed out").
         """
         sessions = self._sessions
         timings = self._core.timings
@@ -484,10 +506,12 @@ class ReadPath:
                     None if until is None else max(0.0, until - asyncio.get_running_loop().time())
                 )
                 done, answer = await within(asyncio.shield(future), left)
-                if not done or answer is None:
-                    return False
+                if not done:
+                    return "timed out"
+                if answer is None:
+                    return "no primary"
                 sessions.settle_unknown(cell, answer[1], answer[0], answer[2])
-            return True
+            return "settled"
         finally:
             timings.write_position_s += perf_counter() - started
 

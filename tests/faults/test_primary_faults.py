@@ -11,7 +11,7 @@ from typing import Any
 import peewee
 import pytest
 
-from areplica import NoPrimaryError, writes
+from areplica import NoPrimaryError, ReadTimeoutError, writes
 from areplica.testing.topology import LocalTopology
 from tests.conftest import sql_on, wait_for
 from tests.faults.conftest import (
@@ -169,12 +169,23 @@ async def test_a_write_whose_position_died_with_the_primary_is_read_on_the_new_o
         assert mgr.unknown_positions == 1 and impatient.unknown_positions == 1
         await asyncio.to_thread(own_topo.wait_replicated)  # the write survives the failover
         own_topo.kill("primary")
-        await wait_for(lambda: mgr.status()[0].state != "up", timeout=FOLLOW_BOUND)
         sql = "SELECT (SELECT count(*) FROM fault_log WHERE tag = %s), inet_server_port()"
+        # No wait: says so and reads nothing, whether or not its health task has seen the
+        # primary go yet (CI's race: the position read failed on a primary still "up").
+        seen = [impatient.status()[0].state]
+        with pytest.raises(NoPrimaryError, match="position was never read") as info:
+            await impatient.execute_sql(sql, [tag + "-0"])
+        assert info.value.node == "primary"
         await wait_for(lambda: impatient.status()[0].state != "up", timeout=FOLLOW_BOUND)
         with pytest.raises(NoPrimaryError, match="position was never read") as info:
-            await impatient.execute_sql(sql, [tag + "-0"])  # no wait: says so, reads nothing
+            await impatient.execute_sql(sql, [tag + "-0"])
         assert info.value.node == "primary"
+        print(f"\nimpatient saw the primary {seen[0]} at its first read")
+        await wait_for(lambda: mgr.status()[0].state != "up", timeout=FOLLOW_BOUND)
+
+        # The call's own timeout bounds the wait for a primary's position: said, not hung.
+        with pytest.raises(ReadTimeoutError, match="waiting for the primary's WAL position"):
+            await asyncio.wait_for(mgr.execute_sql(sql, [tag], timeout=0.5), 10)
 
         async def reader() -> tuple[Any, str | None]:
             return await mgr.execute_sql(sql, [tag]), mgr.token
