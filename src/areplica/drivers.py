@@ -103,6 +103,10 @@ class Driver:
     #: True while a query runs on the connection (the server is still working on it).
     is_busy: Callable[[Any], bool]
     disconnect_errors: tuple[type[BaseException], ...]
+    #: True when ``cursor.execute`` sends a string of several statements as one simple
+    #: query and returns the last one's result (aiopg, psycopg2's client-side binding):
+    #: a read can then check its standby's replay position in its own round trip.
+    guards_reads: bool = False
 
     def is_disconnect(self, exc: BaseException) -> bool:
         """True when ``exc`` means the connection or its server is gone (retry a read)."""
@@ -384,6 +388,7 @@ def _aiopg_driver() -> Driver:
         is_idle=is_idle,
         is_busy=is_busy,
         disconnect_errors=(psycopg2.OperationalError, psycopg2.InterfaceError),
+        guards_reads=True,
     )
 
 

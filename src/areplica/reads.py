@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable, Iterable, Sequence
 from time import perf_counter
 from typing import Any, Literal, NoReturn, cast
@@ -25,8 +26,9 @@ from typing import Any, Literal, NoReturn, cast
 import peewee
 
 from ._compat import within
-from .consistency import parse_lsn, token_position
+from .consistency import format_lsn, parse_lsn, token_position
 from .core import Core
+from .drivers import sqlstate_of
 from .errors import (
     NodeUnavailableError,
     NoPrimaryError,
@@ -49,6 +51,20 @@ _REPLAY_SQL = "SELECT pg_last_wal_replay_lsn()::text"
 #: How ``ReadPath.settle_unknown`` ended: the position is known, no primary answered within
 #: ``primary_wait``, or the caller's deadline passed first.
 Settled = Literal["settled", "no primary", "timed out"]
+#: A read's own check that its standby has replayed the session's position, sent in front
+#: of the read as one simple query (drivers with ``guards_reads``: aiopg): one round trip
+#: instead of a replay poll and then the read. It fails, naming areplica, when the standby is
+#: behind (or is no standby: NULL), and when the transaction is not READ COMMITTED: only then
+#: does the read take its own snapshot after the check (under REPEATABLE READ the check's
+#: snapshot, taken before it ran, would serve the read).
+_GUARD_SQL = (
+    "SELECT CASE WHEN pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn"
+    " AND current_setting('transaction_isolation') = 'read committed' THEN 1"
+    " ELSE ('areplica-behind:' || coalesce(pg_last_wal_replay_lsn()::text, 'none')"
+    " || ':' || current_setting('transaction_isolation'))::int END; "
+)
+#: The guard's refusal in the server's error message: (replay position, isolation).
+_REFUSAL = re.compile(r"areplica-behind:([0-9A-Fa-f]+/[0-9A-Fa-f]+|none):([a-z ]+)")
 #: The primary's insert position (what a genuine token can be at most) and its flush
 #: position (what standbys can have received: WAL is sent once flushed).
 _CURRENT_SQL = "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"
@@ -85,6 +101,8 @@ class ReadPath:
         self._writes = writes
         self._policy = policy
         self._watch = ReplayWatch(core.name, self._replay_position)
+        #: Members whose transactions were not READ COMMITTED: their reads wait unguarded.
+        self._unguarded: set[str] = set()
         writes.positions.bind(self._primary_position)
 
     # ------------------------------------------------------------------ choosing a node
@@ -299,9 +317,10 @@ class ReadPath:
         # Judging a token (a health round while no primary answers) and reading an unknown
         # position are not catching up: the standbys get one causal_wait from here on.
         catch_up_until = loop.time() + core.options.causal_wait
+        guarded = core.driver.guards_reads
         while True:
-            node, nodes = await self._choose(
-                route, tried, max_staleness, session, catch_up_until, call_deadline
+            node, nodes, guard = await self._choose(
+                route, tried, max_staleness, session, catch_up_until, call_deadline, guarded
             )
             if session is not None and (node.timeline or 0) > session.pos >> 64 > 0:
                 # A failover was seen while this read waited: judged on the new history.
@@ -324,12 +343,29 @@ class ReadPath:
                 if call_deadline is not None:
                     left = max(0.0, call_deadline - loop.time())
                     limit = left if limit is None else min(limit, left)
-                return await self.run_read(
-                    node, sql, params, fetch, held=held, deadline=pool_deadline, limit=limit
+                if guard is None:
+                    return await self.run_read(
+                        node, sql, params, fetch, held=held, deadline=pool_deadline, limit=limit
+                    )
+                result = await self.run_read(
+                    node,
+                    _GUARD_SQL.format(lsn=format_lsn(guard)) + sql,
+                    params,
+                    fetch,
+                    held=held,
+                    deadline=pool_deadline,
+                    limit=limit,
                 )
+                if node.lsn is None or node.lsn < guard:
+                    node.lsn = guard  # it replayed that far: later reads need no check
+                core.counters.caught_up_reads += 1
+                return result
             except Exception as exc:
                 if core.cut_by_close(exc):
                     raise core.not_open() from exc
+                if guard is not None and self._refused_by_guard(node, exc):
+                    guarded = False  # behind: this read waits for a replay, as unguarded
+                    continue
                 if self._refused_as_write(node, exc, sql):
                     return await self._writes.write(sql, params, fetch)
                 if call_deadline is not None and loop.time() >= call_deadline:
@@ -372,18 +408,28 @@ class ReadPath:
         session: Cell | None,
         catch_up_until: float,
         call_deadline: float | None,
-    ) -> tuple[Node, list[Node]]:
-        """The node for this attempt and the candidates it was chosen from.
+        guarded: bool = False,
+    ) -> tuple[Node, list[Node], int | None]:
+        """The node for this attempt, the candidates it was chosen from, and its guard.
 
         Catching up waits until ``catch_up_until`` (one ``causal_wait`` per call, over all
-        attempts) and never past the call's deadline.
+        attempts) and never past the call's deadline. With ``guarded`` (the driver's
+        ``guards_reads``), a standby the policy picks among those behind is read at once
+        with the session's position checked in the same round trip (the third value: the
+        read fails with the check when the standby has not replayed it yet).
         """
         try:
             nodes = self.candidates(route, tried, max_staleness, session)
-            return self.pick(nodes), nodes
+            return self.pick(nodes), nodes, None
         except _CatchUp as wait:
             core = self._core
             primary = core.cluster.primary
+            if guarded and asyncio.get_running_loop().time() < catch_up_until:
+                chosen = self.pick(wait.nodes)
+                if chosen is primary:
+                    return chosen, [chosen], None  # always caught up
+                if chosen.name not in self._unguarded:
+                    return chosen, [chosen], wait.lsn
             if core.primary_wait > 0 and (primary is None or primary.state != "up"):
                 # No primary to fall back to (a failover): the standbys get the window a
                 # write would wait for a primary, to reach the session's position.
@@ -401,7 +447,28 @@ class ReadPath:
                     self._core.timings.catch_up_s += perf_counter() - started
             if node is None:
                 node = await self._fallback_waiting(route, call_deadline)
-            return node, [node]
+            return node, [node], None
+
+    def _refused_by_guard(self, node: Node, exc: Exception) -> bool:
+        """True when ``exc`` is a read's guard refusing (``_GUARD_SQL``); notes what it saw."""
+        found = _REFUSAL.search(str(exc))
+        if found is None or sqlstate_of(exc) != "22P02":
+            return False
+        replayed, isolation = found.groups()
+        if replayed != "none":
+            position = parse_lsn(replayed)
+            if node.lsn is None or position > node.lsn:
+                node.lsn = position
+        if isolation != "read committed" and node.name not in self._unguarded:
+            self._unguarded.add(node.name)
+            logger.info(
+                "%s: %s runs reads at %s isolation: its reads after a write wait for its "
+                "replay position instead of checking it in their own round trip",
+                self._core.name,
+                node.name,
+                isolation,
+            )
+        return True
 
     async def _fallback_waiting(self, route: Route | None, until: float | None) -> Node:
         """``fallback()``; while the primary is not up, wait up to ``primary_wait`` for one."""
