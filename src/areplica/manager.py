@@ -668,7 +668,8 @@ class ReplicaManager(QueryAPI):
 
     @property
     def caught_up_reads(self) -> int:
-        """Reads that waited for a replica to reach their causal position, and got one."""
+        """Reads a replica served once seen at their causal position (waited for, or checked in
+        the read's own round trip with aiopg), rather than the primary."""
         return self._core.counters.caught_up_reads
 
     @property

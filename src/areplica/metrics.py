@@ -35,9 +35,10 @@ Per node, labels ``manager``, ``node`` and ``role``:
 
 Per manager, label ``manager``: ``areplica_retried_reads_total`` (reads retried on another
 node), ``areplica_fallback_reads_total`` (reads the primary served because no replica
-could), ``areplica_caught_up_reads_total`` (reads that waited for a replica to reach a causal
-token), ``areplica_clamped_tokens_total`` and ``areplica_lost_tokens_total`` (tokens from
-outside clamped as forged, or positions whose write a failover lost), and
+could), ``areplica_caught_up_reads_total`` (reads a replica served once seen at their causal
+token: waited for, or checked in the read's own round trip),
+``areplica_clamped_tokens_total`` and ``areplica_lost_tokens_total`` (tokens from outside
+clamped as forged, or positions whose write a failover lost), and
 ``areplica_unknown_positions_total`` (writes acknowledged whose WAL position could not be
 read).
 
