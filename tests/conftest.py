@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -147,3 +148,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if "integration" in item.keywords or "faults" in item.keywords:
                 item.add_marker(skip)
+
+
+@contextlib.contextmanager
+def standbys_behind(topo: LocalTopology, delay_ms: int) -> Iterator[None]:
+    """Both standbys replay commits ``delay_ms`` late for the block, then on time again."""
+    for standby in ("replica-1", "replica-2"):
+        topo.set_apply_delay(standby, delay_ms)
+    try:
+        yield
+    finally:
+        for standby in ("replica-1", "replica-2"):
+            topo.set_apply_delay(standby, 0)

@@ -310,9 +310,9 @@ class ReadPath:
                     node=core.cluster.primary.name if core.cluster.primary else None,
                     timeout=timeout,
                 )
-            if settled == "no primary" and route is None:
-                self._no_primary_for_unknown()
             if settled == "no primary":
+                if route is None:
+                    self._no_primary_for_unknown()
                 route = Route("primary")  # in primary(): the primary's own error, below
         # Judging a token (a health round while no primary answers) and reading an unknown
         # position are not catching up: the standbys get one causal_wait from here on.
@@ -343,22 +343,13 @@ class ReadPath:
                 if call_deadline is not None:
                     left = max(0.0, call_deadline - loop.time())
                     limit = left if limit is None else min(limit, left)
-                if guard is None:
-                    return await self.run_read(
-                        node, sql, params, fetch, held=held, deadline=pool_deadline, limit=limit
-                    )
+                text = sql if guard is None else _GUARD_SQL.format(lsn=format_lsn(guard)) + sql
                 result = await self.run_read(
-                    node,
-                    _GUARD_SQL.format(lsn=format_lsn(guard)) + sql,
-                    params,
-                    fetch,
-                    held=held,
-                    deadline=pool_deadline,
-                    limit=limit,
+                    node, text, params, fetch, held=held, deadline=pool_deadline, limit=limit
                 )
-                if node.lsn is None or node.lsn < guard:
-                    node.lsn = guard  # it replayed that far: later reads need no check
-                core.counters.caught_up_reads += 1
+                if guard is not None:
+                    _replayed(node, guard)  # later reads of that position need no check
+                    core.counters.caught_up_reads += 1
                 return result
             except Exception as exc:
                 if core.cut_by_close(exc):
@@ -456,9 +447,7 @@ class ReadPath:
             return False
         replayed, isolation = found.groups()
         if replayed != "none":
-            position = parse_lsn(replayed)
-            if node.lsn is None or position > node.lsn:
-                node.lsn = position
+            _replayed(node, parse_lsn(replayed))
         if isolation != "read committed" and node.name not in self._unguarded:
             self._unguarded.add(node.name)
             logger.info(
@@ -620,8 +609,7 @@ class ReadPath:
     async def _replay_position(self, node: Node) -> int:
         row = await self.run_read(node, _REPLAY_SQL, None, fetchone_raw, count=False, first=True)
         position = parse_lsn(row[0])
-        if node.lsn is None or position > node.lsn:
-            node.lsn = position
+        _replayed(node, position)
         return position
 
     async def _learn(self, timeout: float) -> bool:
@@ -733,3 +721,9 @@ class ReadPath:
             async with conn.cursor() as cursor:
                 await cursor.execute(sql, params or ())
                 return await fetch(self._core.database, cursor) if fetch else None
+
+
+def _replayed(node: Node, position: int) -> None:
+    """Note that ``node`` has replayed ``position`` (its known replay position only grows)."""
+    if node.lsn is None or position > node.lsn:
+        node.lsn = position

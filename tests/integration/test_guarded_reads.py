@@ -23,7 +23,7 @@ import pytest
 
 from areplica import ReplicaManager
 from areplica.testing.topology import LocalTopology
-from tests.conftest import DRIVERS, make_manager, sql_on
+from tests.conftest import DRIVERS, make_manager, sql_on, standbys_behind
 
 pytestmark = pytest.mark.integration
 
@@ -39,13 +39,8 @@ def table(topology: LocalTopology) -> Iterator[LocalTopology]:
 
 @pytest.fixture
 def delayed(table: LocalTopology) -> Iterator[LocalTopology]:
-    for standby in ("replica-1", "replica-2"):
-        table.set_apply_delay(standby, 1500)
-    try:
+    with standbys_behind(table, 1500):
         yield table
-    finally:
-        for standby in ("replica-1", "replica-2"):
-            table.set_apply_delay(standby, 0)
 
 
 async def write_then_read(mgr: ReplicaManager, sql: str = READ) -> tuple[int, int, float]:

@@ -31,7 +31,7 @@ from areplica.testing.daemon import find_program
 from areplica.testing.haproxy import LoadBalancer, find_executable
 from areplica.testing.pgbouncer import PgBouncer
 from areplica.testing.topology import LocalTopology
-from tests.conftest import DRIVERS, wait_for
+from tests.conftest import DRIVERS, standbys_behind, wait_for
 
 pytestmark = [
     pytest.mark.integration,
@@ -331,18 +331,6 @@ async def test_idle_connections_are_closed_and_old_ones_replaced(
 
 
 # ---------------------------------------------------------------------- honest write errors
-
-
-@contextlib.contextmanager
-def standbys_behind(topo: LocalTopology, delay_ms: int) -> Iterator[None]:
-    """Both standbys replay with a delay for the block."""
-    for standby in ("replica-1", "replica-2"):
-        topo.set_apply_delay(standby, delay_ms)
-    try:
-        yield
-    finally:
-        for standby in ("replica-1", "replica-2"):
-            topo.set_apply_delay(standby, 0)
 
 
 async def write_losing_its_position(

@@ -20,7 +20,7 @@ import pytest
 from areplica import ReplicaManager
 from areplica.consistency import format_lsn, parse_lsn, parse_token
 from areplica.testing.topology import LocalTopology
-from tests.conftest import DRIVERS, make_manager, sql_on
+from tests.conftest import DRIVERS, make_manager, sql_on, standbys_behind
 
 pytestmark = pytest.mark.integration
 
@@ -31,13 +31,8 @@ UNKNOWN_TOKEN = "FFFFFFFF/FFFFFFFF/FFFFFFFF"
 def delayed(topology: LocalTopology) -> Iterator[LocalTopology]:
     sql_on(topology, "primary", "CREATE TABLE IF NOT EXISTS unread (tag text)")
     topology.wait_replicated()
-    for standby in ("replica-1", "replica-2"):
-        topology.set_apply_delay(standby, 1500)
-    try:
+    with standbys_behind(topology, 1500):
         yield topology
-    finally:
-        for standby in ("replica-1", "replica-2"):
-            topology.set_apply_delay(standby, 0)
 
 
 def manager(topology: LocalTopology, driver: str, **options: Any) -> ReplicaManager:
