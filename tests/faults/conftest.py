@@ -42,10 +42,29 @@ def ftopo() -> Iterator[LocalTopology]:
         yield topology
 
 
+_made: list[ReplicaManager] = []  # every manager a fault test made, closed at its teardown
+
+
 def fault_manager(topology: LocalTopology, **options: Any) -> ReplicaManager:
     merged = {**TIMINGS, **options}
     replicas = {name: topology.dsn(name) for name in topology.nodes if name != "primary"}
-    return ReplicaManager(topology.dsn("primary"), replicas, **merged)
+    mgr = ReplicaManager(topology.dsn("primary"), replicas, **merged)
+    _made.append(mgr)
+    return mgr
+
+
+@pytest.fixture(autouse=True)
+async def _close_fault_managers() -> AsyncIterator[None]:
+    """A test that fails before its own close() leaves no pool or task to the next tests.
+
+    (Their ``assert_clean_after_close`` counts this loop's areplica tasks and the servers'
+    connections: one failed test's open manager would fail every later one.)
+    """
+    yield
+    made = list(_made)
+    _made.clear()
+    for mgr in made:
+        await mgr.close()  # idempotent: a no-op for the managers their test closed
 
 
 @dataclass

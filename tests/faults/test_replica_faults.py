@@ -112,17 +112,23 @@ async def test_lagging_replica_is_skipped_then_readmitted(ftopo: LocalTopology) 
             assert load.reads_on(victim, since=back_at) > 0
         assert load.failed_reads == []
         load.check_writes_on_primary()
-        # Writes stopped, replicas caught up: lag is 0 on every replica for 10 s in a row.
+        # Writes stopped, replicas caught up: for 10 s every replica stays up with no lag, but
+        # for a record the idle primary writes on its own (a checkpoint's or the bgwriter's
+        # running-transactions record, tens of bytes) caught by one probe round before its
+        # replay: such a sample is tiny and brief, and most samples are exactly zero.
         await asyncio.to_thread(ftopo.wait_replicated)
         deadline = time.monotonic() + 10
-        samples = 0
+        samples: list[tuple[int | None, float | None]] = []
         while time.monotonic() < deadline:
             await asyncio.sleep(0.25)
             for s in mgr.status():
                 if s.role == "replica":
-                    assert (s.lag_bytes, s.lag_seconds) == (0, 0.0), s
-                    samples += 1
-        assert samples >= 60
+                    assert s.state == "up", s
+                    assert s.lag_bytes is not None and s.lag_bytes <= 1024, s
+                    assert s.lag_seconds is not None and s.lag_seconds < 1.0, s
+                    samples.append((s.lag_bytes, s.lag_seconds))
+        assert len(samples) >= 60
+        assert samples.count((0, 0.0)) >= 0.9 * len(samples), samples
     finally:
         ftopo.set_apply_delay("replica-1", 0)
     await assert_clean_after_close(mgr, ftopo, before)
