@@ -58,9 +58,10 @@ class Timings:
     with a read's causal position, running reads (the query and its rows), running writes
     (the statement and its rows), and waiting for the WAL position of writes (``causal``:
     a read whose session wrote under contention waits for the shared position read that
-    covers the write, unless its answer is in). Counts: reads and writes that ran, and the
+    covers the write, unless its answer is in). Counts: reads and writes that ran, the
     position reads that covered those writes (one covers every write committed before it
-    started) (``mgr.timings()``).
+    started), and the writes whose position came back in their own round trip (psycopg)
+    (``mgr.timings()``).
     """
 
     slot_wait_s: float = 0.0
@@ -71,6 +72,7 @@ class Timings:
     reads: int = 0
     writes: int = 0
     position_reads: int = 0
+    positions_in_band: int = 0
 
 
 class Core:

@@ -104,9 +104,15 @@ class Driver:
     is_busy: Callable[[Any], bool]
     disconnect_errors: tuple[type[BaseException], ...]
     #: True when ``cursor.execute`` sends a string of several statements as one simple
-    #: query and returns the last one's result (aiopg, psycopg2's client-side binding):
-    #: a read can then check its standby's replay position in its own round trip.
+    #: query (client-side binding: aiopg, and psycopg's ``AsyncClientCursor``, which
+    #: peewee-async uses): a read can then check its standby's replay position in its own
+    #: round trip.
     guards_reads: bool = False
+    #: True when the cursor keeps the result of every statement of such a string, positioned
+    #: on the first (psycopg: ``nextset()`` moves on); False when only the last one's is
+    #: kept (psycopg2). With every result kept, a write's WAL position after its commit
+    #: comes back in the write's own round trip (``writes.py``).
+    all_results: bool = False
 
     def is_disconnect(self, exc: BaseException) -> bool:
         """True when ``exc`` means the connection or its server is gone (retry a read)."""
@@ -449,6 +455,8 @@ def _psycopg_driver() -> Driver:
         is_idle=is_idle,
         is_busy=is_busy,
         disconnect_errors=(psycopg.OperationalError, psycopg.InterfaceError),
+        guards_reads=True,
+        all_results=True,
     )
 
 

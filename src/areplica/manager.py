@@ -693,8 +693,10 @@ class ReplicaManager(QueryAPI):
         waiting for a replica to reach their causal position), ``query_s`` (reads running),
         ``write_s`` (writes running), ``write_position_s`` (writes waiting for the WAL
         position that covers their commit, ``causal``); counts: ``reads``, ``writes``,
-        ``position_reads`` (one covers every write committed before it started). Take
-        two snapshots and subtract to profile a load.
+        ``position_reads`` (one covers every write committed before it started),
+        ``positions_in_band`` (writes whose position came back in the write's own round
+        trip: psycopg, one INSERT/UPDATE/DELETE/MERGE/WITH statement). Take two snapshots
+        and subtract to profile a load.
         """
         return dict(vars(self._core.timings))
 

@@ -52,7 +52,7 @@ _REPLAY_SQL = "SELECT pg_last_wal_replay_lsn()::text"
 #: ``primary_wait``, or the caller's deadline passed first.
 Settled = Literal["settled", "no primary", "timed out"]
 #: A read's own check that its standby has replayed the session's position, sent in front
-#: of the read as one simple query (drivers with ``guards_reads``: aiopg): one round trip
+#: of the read as one simple query (drivers with ``guards_reads``): one round trip
 #: instead of a replay poll and then the read. It fails, naming areplica, when the standby is
 #: behind (or is no standby: NULL), and when the transaction is not READ COMMITTED: only then
 #: does the read take its own snapshot after the check (under REPEATABLE READ the check's
@@ -345,7 +345,14 @@ class ReadPath:
                     limit = left if limit is None else min(limit, left)
                 text = sql if guard is None else _GUARD_SQL.format(lsn=format_lsn(guard)) + sql
                 result = await self.run_read(
-                    node, text, params, fetch, held=held, deadline=pool_deadline, limit=limit
+                    node,
+                    text,
+                    params,
+                    fetch,
+                    held=held,
+                    deadline=pool_deadline,
+                    limit=limit,
+                    guarded=guard is not None,
                 )
                 if guard is not None:
                     _replayed(node, guard)  # later reads of that position need no check
@@ -666,12 +673,14 @@ class ReadPath:
         deadline: float | None = None,
         limit: float | object | None = _DEFAULT,
         first: bool = False,
+        guarded: bool = False,
     ) -> Any:
         """Run a read on ``node``; ``held``: a slot of its pool the caller already took.
 
         ``count``: a read of the caller's (counted, timed), not one of areplica's own (a
         replay poll). ``first``: wait for a connection at the head of the queue (reads the
-        queue itself waits on).
+        queue itself waits on). ``guarded``: ``sql`` starts with ``_GUARD_SQL``, whose
+        result the read's own follows (on drivers that keep every result).
 
         ``deadline`` (loop time) bounds the wait for a connection (``pool_timeout`` from
         now by default); ``limit`` the query (``read_timeout`` by default). The query runs
@@ -697,7 +706,10 @@ class ReadPath:
         )
         try:
             result = await pool.run(
-                conn, self._query(conn, sql, params, fetch), read_timeout, done=node.done
+                conn,
+                self._query(conn, sql, params, fetch, guarded and core.driver.all_results),
+                read_timeout,
+                done=node.done,
             )
         except asyncio.TimeoutError as exc:
             raise ReadTimeoutError(
@@ -715,11 +727,18 @@ class ReadPath:
         return result
 
     async def _query(
-        self, conn: Any, sql: str, params: Sequence[Any] | None, fetch: FetchResults | None
+        self,
+        conn: Any,
+        sql: str,
+        params: Sequence[Any] | None,
+        fetch: FetchResults | None,
+        skip_first: bool = False,
     ) -> Any:
         with peewee.__exception_wrapper__:  # type: ignore[attr-defined]
             async with conn.cursor() as cursor:
                 await cursor.execute(sql, params or ())
+                if skip_first:
+                    cursor.nextset()  # past the guard's row, to the read's own result
                 return await fetch(self._core.database, cursor) if fetch else None
 
 

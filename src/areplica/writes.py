@@ -14,7 +14,13 @@ never sends a write twice. Writes are never retried. What a failure says is what
   position or go to the primary. Logged and counted (``unknown_positions``).
 
 In ``causal`` mode every write records in its session the primary's WAL position after its
-commit. Without contention it is read on the write's connection. Under contention (callers
+commit. With a driver that keeps every result of a query string (psycopg), a single
+INSERT, UPDATE, DELETE, MERGE or WITH statement is sent as ``BEGIN; <write>; COMMIT;
+SELECT pg_current_wal_insert_lsn()``, one simple query: the position comes back in the
+write's own round trip (a failed write leaves the block aborted: it is rolled back before
+the connection is reused). Other writes, and every write with aiopg (psycopg2 keeps only
+the last result), read it after their commit. Without contention it is read on the write's
+connection. Under contention (callers
 wait for a connection) the write returns at its commit, its session notes the position as
 not read yet, and one read of the primary's position, started at once in the background and
 shared by every write noted before it started (``Positions``), settles it; the session's
@@ -26,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from time import perf_counter
 from typing import Any
@@ -42,6 +49,21 @@ from .sessions import Sessions
 __all__ = ["Positions", "WritePath"]
 
 logger = logging.getLogger("areplica")
+
+#: A single statement that may run in a transaction block (not DDL such as CREATE INDEX
+#: CONCURRENTLY, not a CALL that commits): its position can come in its own round trip.
+_IN_BAND = re.compile(r"\s*(?:INSERT|UPDATE|DELETE|MERGE|WITH)\b", re.IGNORECASE)
+
+
+def in_band(sql: str) -> str | None:
+    """``sql`` with its WAL position read after its commit in the same query, or ``None``.
+
+    ``None`` unless ``sql`` is one write statement (no ``;`` in its text: parameters are
+    merged in after this, so a semicolon in a value does not count).
+    """
+    if ";" in sql or not _IN_BAND.match(sql):
+        return None
+    return f"BEGIN; {sql}; COMMIT; {WAL_POSITION_SQL}"
 
 
 class WritePath:
@@ -184,18 +206,25 @@ class WritePath:
         fetch_error: Exception | None = None
         after_commit: Exception | None = None
         causal = core.options.consistency == "causal"
+        wrapped = in_band(sql) if causal and core.driver.all_results else None
         lsn: int | None = None
         node.in_flight += 1
         try:
             with peewee.__exception_wrapper__:  # type: ignore[attr-defined]
                 async with conn.cursor() as cursor:
                     sent = True
-                    await cursor.execute(sql, params or ())
-                    # The statement ran (autocommit: it committed). Whatever the result
-                    # handling does next, the session's token must cover it.
+                    await cursor.execute(wrapped or sql, params or ())
+                    # The statement ran (autocommit, or the block's COMMIT: it committed).
+                    # Whatever the result handling does next, the session's token must
+                    # cover it.
                     committed = True
+                    if wrapped is not None:
+                        cursor.nextset()  # past BEGIN, to the write's own result
                     result, fetch_error = await _fetch_guarded(core.database, cursor, fetch)
-                    if causal and (pool.closed or not pool.saturated):
+                    if wrapped is not None:
+                        lsn = await _position_in_band(cursor)
+                        timings.positions_in_band += 1
+                    elif causal and (pool.closed or not pool.saturated):
                         # Nobody waits for this connection (or the pool is closing): the
                         # position is read on it at once, which leaves the least time for
                         # a crash between the commit and its position. Under contention
@@ -206,6 +235,8 @@ class WritePath:
         except Exception as exc:
             if not committed:
                 discard = self._failed(node, exc)
+                if wrapped is not None:
+                    discard = not await _roll_back(conn)  # the failed write's block
                 raise
             after_commit = exc  # closing the cursor failed: committed all the same
         except asyncio.CancelledError:
@@ -417,6 +448,24 @@ async def _read_position(cursor: Any) -> int:
     await cursor.execute(WAL_POSITION_SQL)
     row = await cursor.fetchone()
     return token_position(parse_lsn(row[0]))
+
+
+async def _position_in_band(cursor: Any) -> int:
+    """The position ``in_band`` read after the commit: the last of the query's results."""
+    while cursor.nextset():
+        pass
+    row = await cursor.fetchone()
+    return token_position(parse_lsn(row[0]))
+
+
+async def _roll_back(conn: Any) -> bool:
+    """End a block an in-band write's error left aborted; False: the connection is unusable."""
+    try:
+        async with conn.cursor() as cursor:
+            await cursor.execute("ROLLBACK")
+    except Exception:
+        return False
+    return True
 
 
 def _retrieve(future: asyncio.Future[Answer | None]) -> None:

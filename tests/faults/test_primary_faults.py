@@ -163,6 +163,7 @@ async def test_a_write_whose_position_died_with_the_primary_is_read_on_the_new_o
             raise peewee.OperationalError("server closed the connection unexpectedly")
 
         monkeypatch.setattr(writes, "_read_position", lost)
+        monkeypatch.setattr(writes, "_position_in_band", lost)  # psycopg's
         await mgr.execute_sql("INSERT INTO fault_log (tag) VALUES (%s)", [tag])
         await impatient.execute_sql("INSERT INTO fault_log (tag) VALUES (%s)", [tag + "-0"])
         monkeypatch.undo()

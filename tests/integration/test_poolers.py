@@ -343,6 +343,7 @@ async def write_losing_its_position(
 
     with monkeypatch.context() as patched:
         patched.setattr(writes, "_read_position", lost)
+        patched.setattr(writes, "_position_in_band", lost)  # psycopg's
         assert await mgr.execute_sql("INSERT INTO pooled (tag) VALUES (%s)", [tag]) is None
     assert mgr.unknown_positions == 1
 
