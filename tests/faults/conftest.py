@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -15,8 +16,11 @@ from areplica import ReplicaManager
 from areplica.testing.topology import LocalTopology
 from tests.conftest import client_backends, sql_on, wait_for
 
-# Timings of the managers under fault: short, so that tests wait seconds, not minutes.
+# Timings of the managers under fault: short, so that tests wait seconds, not minutes. The
+# driver: aiopg, or AREPLICA_FAULT_DRIVER's (the suite runs once in CI; a run with psycopg
+# repeats every fault through the other driver's write and read paths).
 TIMINGS: dict[str, Any] = {
+    "driver": os.environ.get("AREPLICA_FAULT_DRIVER", "aiopg"),
     "health_interval": 0.25,
     "health_timeout": 0.75,
     "fail_after": 2,

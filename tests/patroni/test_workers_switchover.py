@@ -77,9 +77,10 @@ async def client(base: str, index: int, tally: Tally, stop: asyncio.Event) -> No
             await asyncio.sleep(0.02)
 
 
-def serve(topo: PatroniTopology, port: int) -> subprocess.Popen[bytes]:
+def serve(topo: PatroniTopology, port: int, driver: str) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
+        "WORKERS_DRIVER": driver,
         "WORKERS_PATRONI": ";".join(topo.rest_urls),
         "WORKERS_DSN": topo.dsn("n1"),
         "PYTHONPATH": os.pathsep.join(
@@ -121,14 +122,14 @@ async def wait_serving(base: str, proc: subprocess.Popen[bytes]) -> None:
 
 
 async def test_workers_read_their_writes_through_switchovers_and_a_failover(
-    healthy_patroni: PatroniTopology,
+    healthy_patroni: PatroniTopology, driver: str
 ) -> None:
     topo = healthy_patroni
     # A table of this run only: tags repeat from run to run, and a read counts one row.
     topo.query(topo.wait_leader(), "DROP TABLE IF EXISTS workers_log")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = serve(topo, port)
+    proc = serve(topo, port, driver)
     tally = Tally()
     stop = asyncio.Event()
     try:
@@ -155,7 +156,8 @@ async def test_workers_read_their_writes_through_switchovers_and_a_failover(
     present = {row[0] for row in topo.query(leader, "SELECT tag FROM workers_log")}
     lost = [tag for tag in tally.acked if tag not in present]
     print(
-        f"acked writes {len(tally.acked)}, refused {tally.refused_writes}, reads {tally.reads} "
+        f"[{driver}] acked writes {len(tally.acked)}, refused {tally.refused_writes}, "
+        f"reads {tally.reads} "
         f"({tally.other_worker} on another worker), workers {dict(tally.pids)}, "
         f"stale {len(tally.stale)}, failed reads {len(tally.failed_reads)}, lost {len(lost)}"
     )

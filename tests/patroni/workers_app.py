@@ -2,7 +2,8 @@
 
 Served by ``uvicorn --workers 4 --factory tests.patroni.workers_app:create``; the Patroni
 REST URLs and the DSN template come from ``WORKERS_PATRONI`` (``;``-separated) and
-``WORKERS_DSN``. Each request runs in a session resumed from its token (the middleware).
+``WORKERS_DSN``, the driver from ``WORKERS_DRIVER`` (aiopg when unset). Each request runs
+in a session resumed from its token (the middleware).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from areplica.errors import AreplicaError
 def create() -> FastAPI:
     # The defaults, as a README reader would run it (health_interval 1 s).
     mgr = ReplicaManager(
-        patroni=os.environ["WORKERS_PATRONI"].split(";"), dsn=os.environ["WORKERS_DSN"]
+        patroni=os.environ["WORKERS_PATRONI"].split(";"),
+        dsn=os.environ["WORKERS_DSN"],
+        driver=os.environ.get("WORKERS_DRIVER", "aiopg"),
     )
 
     class WorkersLog(peewee.Model):
