@@ -235,8 +235,9 @@ class WritePath:
         except Exception as exc:
             if not committed:
                 discard = self._failed(node, exc)
-                if wrapped is not None:
-                    discard = not await _roll_back(conn)  # the failed write's block
+                if wrapped is not None and not core.driver.is_idle(conn):
+                    discard = True  # unless the failed write's aborted block ends now
+                    discard = not await _roll_back(conn)
                 raise
             after_commit = exc  # closing the cursor failed: committed all the same
         except asyncio.CancelledError:

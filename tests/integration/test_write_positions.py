@@ -130,6 +130,22 @@ async def test_a_failed_write_changes_nothing_and_its_connection_goes_on(
         )
         assert states == [("idle",)]
         assert on_primary(table, "SELECT tag FROM inband ORDER BY id") == [("taken",), ("next",)]
+        # A violation found at COMMIT (a deferred constraint): the block ended with it.
+        on_primary(
+            table,
+            "CREATE TABLE IF NOT EXISTS inband_deferred "
+            "(tag text UNIQUE DEFERRABLE INITIALLY DEFERRED)",
+        )
+        on_primary(table, "TRUNCATE inband_deferred")
+        with pytest.raises(peewee.IntegrityError, match="inband_deferred_tag_key"):
+            await mgr.execute_sql(
+                "INSERT INTO inband_deferred (tag) VALUES (%s), (%s)", ["same", "same"]
+            )
+        last = await mgr.execute_sql(
+            "INSERT INTO inband_deferred (tag) VALUES (%s) RETURNING pg_backend_pid()", ["one"]
+        )
+        assert last is not None and last[0][0] == first[0][0]
+        assert on_primary(table, "SELECT tag FROM inband_deferred") == [("one",)]
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
