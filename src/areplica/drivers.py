@@ -103,15 +103,13 @@ class Driver:
     #: True while a query runs on the connection (the server is still working on it).
     is_busy: Callable[[Any], bool]
     disconnect_errors: tuple[type[BaseException], ...]
-    #: True when ``cursor.execute`` sends a string of several statements as one simple
-    #: query (client-side binding: aiopg, and psycopg's ``AsyncClientCursor``, which
-    #: peewee-async uses): a read can then check its standby's replay position in its own
-    #: round trip.
-    guards_reads: bool = False
-    #: True when the cursor keeps the result of every statement of such a string, positioned
-    #: on the first (psycopg: ``nextset()`` moves on); False when only the last one's is
-    #: kept (psycopg2). With every result kept, a write's WAL position after its commit
-    #: comes back in the write's own round trip (``writes.py``).
+    #: Both drivers' ``cursor.execute`` sends a string of several statements as one simple
+    #: query (client-side binding: psycopg2, and psycopg's ``AsyncClientCursor``, which
+    #: peewee-async uses): a read checks its standby's replay position in its own round
+    #: trip (``reads.py``). True when the cursor keeps the result of every statement of
+    #: such a string, positioned on the first (psycopg: ``nextset()`` moves on); False when
+    #: only the last one's is kept (psycopg2). With every result kept, a write's WAL
+    #: position after its commit comes back in the write's own round trip (``writes.py``).
     all_results: bool = False
 
     def is_disconnect(self, exc: BaseException) -> bool:
@@ -394,7 +392,6 @@ def _aiopg_driver() -> Driver:
         is_idle=is_idle,
         is_busy=is_busy,
         disconnect_errors=(psycopg2.OperationalError, psycopg2.InterfaceError),
-        guards_reads=True,
     )
 
 
@@ -455,7 +452,6 @@ def _psycopg_driver() -> Driver:
         is_idle=is_idle,
         is_busy=is_busy,
         disconnect_errors=(psycopg.OperationalError, psycopg.InterfaceError),
-        guards_reads=True,
         all_results=True,
     )
 

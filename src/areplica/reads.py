@@ -52,7 +52,7 @@ _REPLAY_SQL = "SELECT pg_last_wal_replay_lsn()::text"
 #: ``primary_wait``, or the caller's deadline passed first.
 Settled = Literal["settled", "no primary", "timed out"]
 #: A read's own check that its standby has replayed the session's position, sent in front
-#: of the read as one simple query (drivers with ``guards_reads``): one round trip
+#: of the read as one simple query (both drivers, see ``Driver.all_results``): one round trip
 #: instead of a replay poll and then the read. It fails, naming areplica, when the standby is
 #: behind (or is no standby: NULL), and when the transaction is not READ COMMITTED: only then
 #: does the read take its own snapshot after the check (under REPEATABLE READ the check's
@@ -317,7 +317,7 @@ class ReadPath:
         # Judging a token (a health round while no primary answers) and reading an unknown
         # position are not catching up: the standbys get one causal_wait from here on.
         catch_up_until = loop.time() + core.options.causal_wait
-        guarded = core.driver.guards_reads
+        guarded = True  # until a check refuses: then this read waits for a replay
         while True:
             node, nodes, guard = await self._choose(
                 route, tried, max_staleness, session, catch_up_until, call_deadline, guarded
@@ -343,16 +343,15 @@ class ReadPath:
                 if call_deadline is not None:
                     left = max(0.0, call_deadline - loop.time())
                     limit = left if limit is None else min(limit, left)
-                text = sql if guard is None else _GUARD_SQL.format(lsn=format_lsn(guard)) + sql
                 result = await self.run_read(
                     node,
-                    text,
+                    sql,
                     params,
                     fetch,
                     held=held,
                     deadline=pool_deadline,
                     limit=limit,
-                    guarded=guard is not None,
+                    guard=guard,
                 )
                 if guard is not None:
                     _replayed(node, guard)  # later reads of that position need no check
@@ -406,13 +405,13 @@ class ReadPath:
         session: Cell | None,
         catch_up_until: float,
         call_deadline: float | None,
-        guarded: bool = False,
+        guarded: bool = True,
     ) -> tuple[Node, list[Node], int | None]:
         """The node for this attempt, the candidates it was chosen from, and its guard.
 
         Catching up waits until ``catch_up_until`` (one ``causal_wait`` per call, over all
-        attempts) and never past the call's deadline. With ``guarded`` (the driver's
-        ``guards_reads``), a standby the policy picks among those behind is read at once
+        attempts) and never past the call's deadline. With ``guarded`` (until a check
+        refused this read), a standby the policy picks among those behind is read at once
         with the session's position checked in the same round trip (the third value: the
         read fails with the check when the standby has not replayed it yet).
         """
@@ -673,14 +672,14 @@ class ReadPath:
         deadline: float | None = None,
         limit: float | object | None = _DEFAULT,
         first: bool = False,
-        guarded: bool = False,
+        guard: int | None = None,
     ) -> Any:
         """Run a read on ``node``; ``held``: a slot of its pool the caller already took.
 
         ``count``: a read of the caller's (counted, timed), not one of areplica's own (a
         replay poll). ``first``: wait for a connection at the head of the queue (reads the
-        queue itself waits on). ``guarded``: ``sql`` starts with ``_GUARD_SQL``, whose
-        result the read's own follows (on drivers that keep every result).
+        queue itself waits on). ``guard``: a position the standby must have replayed,
+        checked in front of ``sql`` in the same query (``_GUARD_SQL``).
 
         ``deadline`` (loop time) bounds the wait for a connection (``pool_timeout`` from
         now by default); ``limit`` the query (``read_timeout`` by default). The query runs
@@ -707,7 +706,7 @@ class ReadPath:
         try:
             result = await pool.run(
                 conn,
-                self._query(conn, sql, params, fetch, guarded and core.driver.all_results),
+                self._query(conn, sql, params, fetch, guard),
                 read_timeout,
                 done=node.done,
             )
@@ -732,12 +731,14 @@ class ReadPath:
         sql: str,
         params: Sequence[Any] | None,
         fetch: FetchResults | None,
-        skip_first: bool = False,
+        guard: int | None = None,
     ) -> Any:
+        if guard is not None:
+            sql = _GUARD_SQL.format(lsn=format_lsn(guard)) + sql
         with peewee.__exception_wrapper__:  # type: ignore[attr-defined]
             async with conn.cursor() as cursor:
                 await cursor.execute(sql, params or ())
-                if skip_first:
+                if guard is not None and self._core.driver.all_results:
                     cursor.nextset()  # past the guard's row, to the read's own result
                 return await fetch(self._core.database, cursor) if fetch else None
 
