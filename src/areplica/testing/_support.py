@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 import psycopg2
 
-__all__ = ["REPLAY_TARGET_SQL", "TopologyLifecycle", "replay_target", "run_sql"]
+__all__ = [
+    "REPLAY_TARGET_SQL",
+    "TopologyLifecycle",
+    "poll_until",
+    "replay_target",
+    "run_sql",
+    "set_apply_delay",
+]
 
 _T = TypeVar("_T", bound="TopologyLifecycle")
 
@@ -35,6 +43,52 @@ def run_sql(
             return list(cur.fetchall()) if cur.description else []
     finally:
         conn.close()
+
+
+def poll_until(
+    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.02
+) -> None:
+    """Call ``predicate`` every ``interval`` seconds until it is true.
+
+    A server error counts as "not yet" (it is named in the ``TimeoutError`` if time runs out).
+    """
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while True:
+        try:
+            if predicate():
+                return
+        except psycopg2.Error as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            detail = f" (last error: {str(last).strip()})" if last else ""
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}{detail}")
+        time.sleep(interval)
+
+
+#: Runs one statement on a named node of a topology: (node, sql, params) -> rows.
+NodeQuery = Callable[[str, str, Sequence[Any]], "list[tuple[Any, ...]]"]
+
+
+def set_apply_delay(query: NodeQuery, node: str, ms: int) -> None:
+    """Make standby ``node`` replay commits ``ms`` milliseconds late (0: no delay).
+
+    Through ``query`` (the topology's): returns once the new ``recovery_min_apply_delay`` is
+    in force.
+    """
+    if ms < 0:
+        raise ValueError("ms must be >= 0")
+    if ms:
+        query(node, "ALTER SYSTEM SET recovery_min_apply_delay = %s", (f"{int(ms)}ms",))
+    else:
+        query(node, "ALTER SYSTEM RESET recovery_min_apply_delay", ())
+    query(node, "SELECT pg_reload_conf()", ())
+    sql = "SELECT setting FROM pg_settings WHERE name = 'recovery_min_apply_delay'"
+    poll_until(
+        lambda: int(query(node, sql, ())[0][0]) == int(ms),
+        10.0,
+        f"recovery_min_apply_delay = {int(ms)}ms on {node}",
+    )
 
 
 class TopologyLifecycle:

@@ -33,10 +33,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote
 
-import psycopg2
-
 from ..errors import ConfigurationError
-from ._support import REPLAY_TARGET_SQL, TopologyLifecycle, replay_target, run_sql
+from ._support import (
+    REPLAY_TARGET_SQL,
+    TopologyLifecycle,
+    poll_until,
+    replay_target,
+    run_sql,
+    set_apply_delay,
+)
 
 __all__ = ["DockerTopology", "primary_script", "replica_script", "server_command"]
 
@@ -333,15 +338,7 @@ class DockerTopology(TopologyLifecycle):
         """Make replica ``node`` replay commits ``ms`` milliseconds late (0: no delay)."""
         if self._upstream.get(node) is None:
             raise RuntimeError(f"{node} is not a replica")
-        if ms < 0:
-            raise ValueError("ms must be >= 0")
-        if ms:
-            self._query(node, "ALTER SYSTEM SET recovery_min_apply_delay = %s", (f"{int(ms)}ms",))
-        else:
-            self._query(node, "ALTER SYSTEM RESET recovery_min_apply_delay")
-        self._query(node, "SELECT pg_reload_conf()")
-        sql = "SELECT setting FROM pg_settings WHERE name = 'recovery_min_apply_delay'"
-        self._poll(lambda: int(self._query(node, sql)[0][0]) == int(ms), 10, f"delay on {node}")
+        set_apply_delay(self._query, node, ms)
 
     def wait_replicated(self, timeout: float = 30, source: str | None = None) -> None:
         """Wait until every running replica of the primary has replayed all its WAL.
@@ -377,15 +374,4 @@ class DockerTopology(TopologyLifecycle):
 
     @staticmethod
     def _poll(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        last: BaseException | None = None
-        while True:
-            try:
-                if predicate():
-                    return
-            except psycopg2.Error as exc:
-                last = exc
-            if time.monotonic() > deadline:
-                detail = f" (last error: {str(last).strip()})" if last else ""
-                raise TimeoutError(f"timed out after {timeout}s waiting for {what}{detail}")
-            time.sleep(0.05)
+        poll_until(predicate, timeout, what, interval=0.05)

@@ -31,11 +31,15 @@ Every process is stopped by its pid (Patroni's from its ``Popen``, PostgreSQL's 
 :class:`~areplica.testing.processes.ProcessOwner`. Passwords are generated per topology and
 appear only in :meth:`~PatroniTopology.dsn` and the members' files (mode 0600); they are
 masked in every error message.
+
+The class is assembled from parts: :mod:`._patroni_base` (a member's record, one HTTP
+request, what every part relies on) and :mod:`.patroni_roles` (switchover, failover, crash
+and restart, membership and tags); this module finds the programs, configures and starts
+etcd and the members, and reads Patroni's view.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import logging
@@ -49,18 +53,17 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg2
 from psycopg2.extensions import make_dsn
 
-from ._support import REPLAY_TARGET_SQL, TopologyLifecycle, replay_target, run_sql
+from ._patroni_base import Member, NoAnswer, Switchover, http_call
+from ._support import REPLAY_TARGET_SQL, replay_target, run_sql
+from .patroni_roles import PatroniRoles
 from .postgres import find_pg_bin, run_as
 from .processes import HOST, Postmaster, ProcessOwner, ServiceAccount, Spawned, free_port, tail
 
@@ -72,8 +75,6 @@ SUPERUSER = "postgres"
 REPLICATION_USER = "replicator"
 # What Patroni needs in bin_dir besides what LocalTopology needs.
 PATRONI_PROGRAMS = ("initdb", "pg_ctl", "postgres", "pg_basebackup", "pg_rewind", "pg_controldata")
-# Boolean tags Patroni leaves out of /cluster when they are false.
-_BOOL_TAGS = frozenset({"clonefrom", "nofailover", "noloadbalance", "nosync", "nostream"})
 _MASK = "***"
 
 
@@ -82,23 +83,6 @@ class PatroniUnavailable(RuntimeError):
 
     The message is one line saying what is missing and how to get it, for ``pytest.skip``.
     """
-
-
-@dataclass(frozen=True)
-class Switchover:
-    """What a :meth:`PatroniTopology.switchover` or :meth:`~PatroniTopology.failover` did.
-
-    ``seconds`` runs from the request to Patroni until the new leader is ``running`` in
-    ``GET /cluster`` and answers ``pg_is_in_recovery() = false``: the longest a client can
-    have been unable to write because of Patroni. ``settled_seconds`` runs until the old
-    leader streams from the new one again.
-    """
-
-    action: str
-    old_leader: str
-    new_leader: str
-    seconds: float
-    settled_seconds: float
 
 
 # --------------------------------------------------------------------------------------
@@ -143,90 +127,10 @@ def _one_line(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# Members and what must be released
-
-
-@dataclass
-class _Member:
-    name: str
-    home: Path  # data/, patroni.yml, patroni.log
-    pg_port: int
-    rest_port: int
-    server: Postmaster
-    tags: dict[str, Any] = field(default_factory=dict)
-    patroni: Spawned | None = None  # the Patroni last started
-    down: bool = False  # crashed (or stopped) on purpose: not expected to be healthy
-
-    @property
-    def data(self) -> Path:
-        return self.server.data
-
-    @property
-    def config(self) -> Path:
-        return self.home / "patroni.yml"
-
-    @property
-    def log(self) -> Path:
-        return self.home / "patroni.log"
-
-    @property
-    def rest_url(self) -> str:
-        return f"http://{HOST}:{self.rest_port}"
-
-    def patroni_pid(self) -> int | None:
-        if self.patroni is None or not self.patroni.running:
-            return None
-        return self.patroni.pid
-
-    def pids(self) -> list[int]:
-        """Patroni and its children, then the postmaster and its children (live ones)."""
-        pids = self.patroni.pids() if self.patroni is not None else []
-        return pids + [p for p in self.server.pids() if p not in pids]
-
-    def kill(self) -> None:
-        """SIGKILL Patroni (first, so it restarts nothing) and PostgreSQL, by pid."""
-        if self.patroni is not None:
-            self.patroni.kill()
-        self.server.kill(timeout=15.0)
-
-
-# --------------------------------------------------------------------------------------
-# HTTP, without proxies from the environment
-
-
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-class _NoAnswer(Exception):
-    """A REST API or etcd did not answer as expected (yet)."""
-
-
-def _http(method: str, url: str, body: Any = None, timeout: float = 5.0) -> tuple[int, Any]:
-    """(status, parsed JSON or text) of one request; 4xx and 5xx are answers too."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    try:
-        with _OPENER.open(request, timeout=timeout) as response:
-            status, raw = int(response.status), response.read()
-    except urllib.error.HTTPError as exc:
-        try:
-            status, raw = int(exc.code), exc.read()
-        finally:
-            exc.close()
-    text = raw.decode(errors="replace")
-    try:
-        return status, json.loads(text)
-    except ValueError:
-        return status, text.strip()
-
-
-# --------------------------------------------------------------------------------------
 # The topology
 
 
-class PatroniTopology(TopologyLifecycle):
+class PatroniTopology(PatroniRoles):
     """etcd and ``members`` Patroni members (``n1``, ``n2``, ...) on 127.0.0.1, for tests.
 
     Use as ``with PatroniTopology() as cluster:`` or ``async with PatroniTopology() as
@@ -284,7 +188,7 @@ class PatroniTopology(TopologyLifecycle):
         self.start_timeout = start_timeout
         self._owner = ProcessOwner(f"PatroniTopology {self.name}")
         self._finalizer = weakref.finalize(self, self._owner.close)
-        self._members: dict[str, _Member] = {}
+        self._members = {}
         self._etcd_process: Spawned | None = None
         self._started = False
         self._lock = threading.RLock()  # one topology change at a time
@@ -293,7 +197,7 @@ class PatroniTopology(TopologyLifecycle):
         self._bin_dir: Path | None = None
         self._etcd_port: int | None = None
         self.startup_seconds: float | None = None
-        self.last_switchover: Switchover | None = None
+        self.last_switchover = None
 
     def __repr__(self) -> str:
         state = "closed" if self._owner.closed else "started" if self._started else "new"
@@ -489,7 +393,7 @@ class PatroniTopology(TopologyLifecycle):
             deadline = time.monotonic() + 60
             while etcd.running and time.monotonic() < deadline:
                 with contextlib.suppress(OSError, ValueError):
-                    status, body = _http("GET", f"{client_url}/health", timeout=2)
+                    status, body = http_call("GET", f"{client_url}/health", timeout=2)
                     if status == 200 and isinstance(body, dict) and body.get("health") == "true":
                         self._etcd_port = client
                         return
@@ -501,9 +405,9 @@ class PatroniTopology(TopologyLifecycle):
                 break
         raise RuntimeError(f"etcd did not start:\n{self._mask(last)}")
 
-    def _new_member(self, name: str, tags: Mapping[str, Any]) -> _Member:
+    def _new_member(self, name: str, tags: Mapping[str, Any]) -> Member:
         home = self._owner.need_account().make_dir(self.directory / name)
-        member = _Member(
+        member = Member(
             name=name,
             home=home,
             pg_port=free_port(),
@@ -515,7 +419,7 @@ class PatroniTopology(TopologyLifecycle):
         self._write_config(member)
         return member
 
-    def _config(self, m: _Member) -> dict[str, Any]:
+    def _config(self, m: Member) -> dict[str, Any]:
         parameters: dict[str, Any] = {
             "wal_level": "replica",
             "hot_standby": "on",
@@ -589,12 +493,12 @@ class PatroniTopology(TopologyLifecycle):
             "tags": dict(m.tags),
         }
 
-    def _write_config(self, m: _Member) -> None:
+    def _write_config(self, m: Member) -> None:
         """Write ``patroni.yml`` (JSON is YAML) atomically, readable by the service user only."""
         text = json.dumps(self._config(m), indent=2)
         self._owner.need_account().write_private(m.config, text)
 
-    def _launch(self, m: _Member) -> None:
+    def _launch(self, m: Member) -> None:
         if self._patroni is None:
             raise RuntimeError("patroni was not found (check() first)")
         m.patroni = self._owner.spawn(
@@ -608,7 +512,7 @@ class PatroniTopology(TopologyLifecycle):
 
     # ---------------------------------------------------------------- addresses
 
-    def _member(self, name: str) -> _Member:
+    def _member(self, name: str) -> Member:
         if self._owner.closed:
             raise RuntimeError(f"{self.name} is closed")
         try:
@@ -673,24 +577,20 @@ class PatroniTopology(TopologyLifecycle):
             if m.patroni_pid() is None:
                 continue
             try:
-                status, body = _http("GET", f"{m.rest_url}/cluster", timeout=3)
+                status, body = http_call("GET", f"{m.rest_url}/cluster", timeout=3)
             except OSError as exc:
                 errors.append(f"{m.name}: {exc}")
                 continue
             if status == 200 and isinstance(body, dict):
                 return body
             errors.append(f"{m.name}: HTTP {status}")
-        raise _NoAnswer(f"no Patroni REST API answered GET /cluster ({'; '.join(errors)})")
+        raise NoAnswer(f"no Patroni REST API answered GET /cluster ({'; '.join(errors)})")
 
     def _member_names_or_raise(self) -> None:
         if self._owner.closed:
             raise RuntimeError(f"{self.name} is closed")
         if not self._members:
             raise RuntimeError(f"{self.name} is not started")
-
-    @staticmethod
-    def _entries(cluster: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-        return {str(m.get("name")): m for m in cluster.get("members", [])}
 
     def leader(self) -> str | None:
         """The name of the member holding Patroni's leader key now (None if nobody does)."""
@@ -748,7 +648,7 @@ class PatroniTopology(TopologyLifecycle):
             try:
                 if predicate():
                     return
-            except (psycopg2.Error, OSError, _NoAnswer) as exc:
+            except (psycopg2.Error, OSError, NoAnswer) as exc:
                 last = exc
             if time.monotonic() > deadline:
                 detail = f" (last error: {_one_line(str(last))})" if last else ""
@@ -785,7 +685,7 @@ class PatroniTopology(TopologyLifecycle):
                     f"  {name}: role={entry.get('role')} state={entry.get('state')}"
                     f" lag={entry.get('lag', '-')} tags={entry.get('tags', {})}"
                 )
-        except (OSError, _NoAnswer, RuntimeError) as exc:
+        except (OSError, NoAnswer, RuntimeError) as exc:
             lines.append(f"  GET /cluster failed: {_one_line(str(exc))}")
         for m in self._members.values():
             state = "down" if m.down else "up" if m.patroni_pid() else "Patroni exited"
@@ -797,7 +697,7 @@ class PatroniTopology(TopologyLifecycle):
             text = text.replace(secret, _MASK)
         return text
 
-    def _expected_up(self) -> list[_Member]:
+    def _expected_up(self) -> list[Member]:
         return [m for m in self._members.values() if not m.down]
 
     def _streams_from(self, leader: str, replicas: Sequence[str]) -> bool:
@@ -853,238 +753,3 @@ class PatroniTopology(TopologyLifecycle):
                 f"{name} to replay up to {target}",
                 interval=0.02,
             )
-
-    # ---------------------------------------------------------------- switchover, failover
-
-    def switchover(self, candidate: str | None = None, *, timeout: float = 90.0) -> Switchover:
-        """Ask Patroni (``POST /switchover``) to hand leadership to ``candidate``.
-
-        Without ``candidate``, the first streaming replica without ``nofailover``. Returns
-        once the candidate leads and accepts writes *and* the old leader streams from it
-        again; the result (also in :attr:`last_switchover`) holds how long each took.
-        """
-        return self._hand_over("switchover", candidate, timeout)
-
-    def failover(self, candidate: str | None = None, *, timeout: float = 90.0) -> Switchover:
-        """Ask Patroni for a manual failover (``POST /failover``) to ``candidate``.
-
-        Patroni requires a candidate for a failover; without one, the first streaming
-        replica without ``nofailover`` is named. Returns like :meth:`switchover`. For an
-        unplanned failover, :meth:`crash` the leader and :meth:`wait_leader` with
-        ``exclude=[old]`` (Patroni waits ``ttl`` seconds for the leader key to expire).
-        """
-        return self._hand_over("failover", candidate, timeout)
-
-    def _pick_candidate(self, entries: Mapping[str, Mapping[str, Any]], leader: str) -> str:
-        for name in sorted(entries):
-            entry = entries[name]
-            if name == leader or entry.get("state") != "streaming":
-                continue
-            if entry.get("tags", {}).get("nofailover"):
-                continue
-            if name in self._members and not self._members[name].down:
-                return name
-        raise RuntimeError(f"{self.name}: no streaming replica can take over from {leader}")
-
-    def _hand_over(self, action: str, candidate: str | None, timeout: float) -> Switchover:
-        with self._lock:
-            self._member_names_or_raise()
-            old = self.wait_leader(timeout)
-            entries = self._entries(self.cluster())
-            if candidate is None:
-                candidate = self._pick_candidate(entries, old)
-            else:
-                self._member(candidate)
-                if candidate == old:
-                    raise ValueError(f"{candidate} is the leader already")
-            body = (
-                {"leader": old, "candidate": candidate}
-                if action == "switchover"
-                else {"candidate": candidate}
-            )
-            answer: dict[str, Any] = {}
-
-            def request() -> None:
-                try:
-                    answer["response"] = _http(
-                        "POST", f"{self.rest_url(old)}/{action}", body, timeout=timeout
-                    )
-                except Exception as exc:  # reported by the poll below
-                    answer["error"] = exc
-
-            began = time.monotonic()
-            thread = threading.Thread(target=request, name=f"{self.name}-{action}", daemon=True)
-            thread.start()
-
-            def promoted() -> bool:
-                if "error" in answer:
-                    raise RuntimeError(
-                        f"{action} {old} -> {candidate}: POST failed: {answer['error']}"
-                    )
-                status, text = answer.get("response", (None, ""))
-                if status is not None and (
-                    status in (400, 412) or (status == 503 and "failed" in str(text).lower())
-                ):
-                    raise RuntimeError(
-                        f"{action} {old} -> {candidate} refused by Patroni: HTTP {status} {text}"
-                    )
-                entry = self._entries(self.cluster()).get(candidate, {})
-                if entry.get("role") != "leader" or entry.get("state") != "running":
-                    return False
-                return not self.query(candidate, "SELECT pg_is_in_recovery()")[0][0]
-
-            try:
-                self._poll(promoted, timeout, f"{candidate} to lead after the {action}")
-                seconds = time.monotonic() - began
-                remaining = max(1.0, timeout - seconds)
-                self._poll(
-                    lambda: self._streams_from(candidate, [old]),
-                    remaining,
-                    f"{old} streaming from {candidate} after the {action}",
-                )
-                settled = time.monotonic() - began
-            finally:
-                # Patroni answers within about a second of the new leader taking the key.
-                thread.join(timeout=30)
-            result = Switchover(action, old, candidate, seconds, settled)
-            self.last_switchover = result
-            log.info(
-                "%s: %s %s -> %s: leader in %.2fs, settled in %.2fs",
-                self.name,
-                action,
-                old,
-                candidate,
-                seconds,
-                settled,
-            )
-            return result
-
-    # ---------------------------------------------------------------- faults and membership
-
-    def crash(self, member: str) -> None:
-        """SIGKILL ``member``'s Patroni and its PostgreSQL (only those pids); wait until gone.
-
-        A crashed leader keeps Patroni's leader key until ``ttl`` runs out; then a replica
-        takes over (see :meth:`wait_leader`). :meth:`restart` brings the member back.
-        """
-        with self._lock:
-            m = self._member(member)
-            m.down = True
-            m.kill()
-
-    def restart(self, member: str, *, timeout: float = 120.0) -> None:
-        """Start ``member``'s Patroni again (after :meth:`crash`); wait until it is healthy.
-
-        Returns once the member leads (``running``) or streams from the leader.
-        """
-        with self._lock:
-            m = self._member(member)
-            if m.patroni_pid() is not None:
-                raise RuntimeError(f"{member}'s Patroni is running; crash() it first")
-            if m.server.pid() is None:
-                m.server.clear_stale(self.directory, m.pg_port)
-            self._launch(m)
-            self._wait_member(m, timeout)
-
-    def _wait_member(self, m: _Member, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-
-        def healthy() -> bool:
-            entries = self._entries(self.cluster())
-            leader = next((n for n, e in entries.items() if e.get("role") == "leader"), None)
-            if leader is None:
-                return False
-            if leader == m.name:
-                return entries[leader].get("state") == "running"
-            return self._streams_from(leader, [m.name])
-
-        self._poll(healthy, max(1.0, deadline - time.monotonic()), f"{m.name} to rejoin")
-
-    def add_member(
-        self,
-        name: str | None = None,
-        tags: Mapping[str, Any] | None = None,
-        *,
-        timeout: float = 120.0,
-    ) -> str:
-        """Start one more member at runtime (a replica, cloned from the leader); return its name.
-
-        Without ``name``, the next free ``nN``. Returns once it streams from the leader.
-        """
-        with self._lock:
-            self._member_names_or_raise()
-            if name is None:
-                i = len(self._members) + 1
-                while f"n{i}" in self._members:
-                    i += 1
-                name = f"n{i}"
-            if name in self._members:
-                raise ValueError(f"{self.name} has a member {name!r} already")
-            if not name or not all(c.isalnum() or c in "-_" for c in name):
-                raise ValueError(f"member names are letters, digits, '-' and '_': {name!r}")
-            m = self._new_member(name, tags or {})
-            self._launch(m)
-            self._wait_member(m, timeout)
-            return name
-
-    def remove_member(self, member: str, *, timeout: float = 60.0) -> None:
-        """Stop a replica member for good and drop it from Patroni's view and the directory.
-
-        Patroni keeps a stopped member's key until its lease ends (``ttl``); this deletes it
-        from etcd so ``GET /cluster`` forgets the member at once. The leader cannot be
-        removed: :meth:`switchover` first.
-        """
-        with self._lock:
-            m = self._member(member)
-            if self.leader() == member:
-                raise RuntimeError(f"{member} is the leader; switchover() first")
-            m.down = True
-            if m.patroni is not None:
-                m.patroni.send_signal(signal.SIGTERM)  # it stops its PostgreSQL (fast) and exits
-                m.patroni.wait(timeout)
-            if m.pids():
-                m.kill()
-            key = f"/service/{self.name}/members/{member}".encode()
-            status, body = _http(
-                "POST",
-                f"{self.etcd_url}/v3/kv/deleterange",
-                {"key": base64.b64encode(key).decode()},
-            )
-            if status != 200:
-                raise RuntimeError(f"etcd refused to delete {key.decode()}: {status} {body}")
-            self._poll(
-                lambda: member not in self._entries(self.cluster()),
-                timeout,
-                f"{member} to leave /cluster",
-            )
-            del self._members[member]
-            shutil.rmtree(m.home, ignore_errors=True)
-
-    def set_tags(self, member: str, tags: Mapping[str, Any], *, timeout: float = 30.0) -> None:
-        """Make ``tags`` the member's Patroni tags: rewrite its YAML and reload (SIGHUP).
-
-        Returns once ``GET /cluster`` shows them (false boolean tags show as absent). On a
-        crashed member, the tags apply when it is restarted.
-        """
-        with self._lock:
-            m = self._member(member)
-            before, m.tags = m.tags, dict(tags)
-            self._write_config(m)
-            if m.patroni is None or not m.patroni.running:
-                return
-            m.patroni.send_signal(signal.SIGHUP)
-
-            def shown() -> bool:
-                current = self._entries(self.cluster()).get(member, {}).get("tags", {})
-                for key in set(before) | set(m.tags):
-                    if key in _BOOL_TAGS and not m.tags.get(key):
-                        if current.get(key):
-                            return False
-                    elif key not in m.tags:
-                        if key in current:  # a custom tag that was dropped
-                            return False
-                    elif current.get(key) != m.tags[key]:
-                        return False
-                return True
-
-            self._poll(shown, timeout, f"tags {m.tags} on {member}")

@@ -10,6 +10,11 @@ too), forks the history (a standby promoted while its primary keeps writing), re
 standby from another node with ``pg_basebackup`` and rewinds an old primary with
 ``pg_rewind`` into a standby of the new one.
 
+The class is assembled from parts, each in its module: :mod:`._local_base` (a node's
+record, running SQL on a node, waiting), :mod:`.local_faults` (processes, replay delay and
+network faults) and :mod:`.local_history` (roles and histories); this module creates,
+starts and addresses the servers.
+
 Binaries, and the user servers run as when we are root, are found by
 :mod:`areplica.testing.postgres` (``find_pg_bin``, ``service_user``). Binaries that user
 cannot reach (e.g. in a virtualenv under ``/root``) are first linked or copied into the
@@ -30,23 +35,28 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shlex
 import shutil
 import signal
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote
 
-import psycopg2
 from psycopg2.extensions import make_dsn
 
-from ._support import REPLAY_TARGET_SQL, TopologyLifecycle, replay_target, run_sql
+from ._local_base import PRIMARY as PRIMARY  # demo and older callers import it from here
+from ._local_base import (
+    START_TIMEOUT,
+    Node,
+    conf_value,
+    replication_proxy,
+    set_auto_conf,
+    slot_name,
+)
+from ._support import REPLAY_TARGET_SQL, replay_target
+from .local_history import LocalHistory
 from .postgres import find_pg_bin, pg_major_version, run_as, service_user
 from .processes import (
     HOST,
@@ -74,43 +84,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PRIMARY = "primary"
-
-_START_TIMEOUT = 60  # seconds, for pg_ctl -w and the waits of start()
 _PORT_ATTEMPTS = 6
-
-
-def _conf_value(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
-
-
-_NODE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,40}")
-
-
-def _slot_name(node: str) -> str:
-    """The physical replication slot ``node`` streams through, on the node it follows."""
-    return "areplica_" + node.replace("-", "_")
-
-
-# --------------------------------------------------------------------------------------
-# The topology
-
-
-@dataclass
-class _Node:
-    name: str
-    home: Path  # the node's folder: data/ and postgres.log
-    port: int
-    server: Postmaster  # working in home/data
-    log: Path  # home/postgres.log
-    upstream: str | None = None  # the node it streams from (None on a primary)
-    slot: str | None = None
-    proxy_port: int | None = None
-    hung: bool = False
-
-    @property
-    def data(self) -> Path:
-        return self.server.data
 
 
 def _looks_detached(root: Path) -> bool:
@@ -152,7 +126,7 @@ def remove_detached(directory: str | os.PathLike[str], timeout: float = 15.0) ->
     return stopped
 
 
-class LocalTopology(TopologyLifecycle):
+class LocalTopology(LocalHistory):
     """A real PostgreSQL primary and ``replicas`` streaming replicas, for tests and demos.
 
     Every server listens on a free port of 127.0.0.1, with its data, socket and log inside
@@ -208,9 +182,9 @@ class LocalTopology(TopologyLifecycle):
         self._password = password
         self._names = [PRIMARY] + [f"replica-{i}" for i in range(1, replicas + 1)]
         self._source = PRIMARY  # the node replicas follow (changes on promote())
-        self._nodes: dict[str, _Node] = {}
-        self._proxies: ProxyThread | ProxyProcess | None = None
-        self._replication_ports: dict[str, int] = {}  # standby -> its replication proxy
+        self._nodes = {}
+        self._proxies = None
+        self._replication_ports = {}  # standby -> its replication proxy
         self._owner = ProcessOwner("LocalTopology")
         self._finalizer = weakref.finalize(self, self._owner.close)
         self._started = False
@@ -287,7 +261,7 @@ class LocalTopology(TopologyLifecycle):
                 self._wait_streaming(self._names[1:])
             if self.proxies:
                 self._start_proxies()
-            self.wait_replicated(timeout=_START_TIMEOUT)
+            self.wait_replicated(timeout=START_TIMEOUT)
         except BaseException:
             self._finalizer()
             raise
@@ -335,18 +309,10 @@ class LocalTopology(TopologyLifecycle):
             )
         return reachable
 
-    @property
-    def _account(self) -> ServiceAccount:
-        return self._owner.need_account()
-
-    def _client_env(self) -> dict[str, str]:
-        """PGPASSWORD for a client program (never in its argv); servers never get it."""
-        return {"PGPASSWORD": self._password} if self._password is not None else {}
-
-    def _new_node(self, name: str) -> _Node:
+    def _new_node(self, name: str) -> Node:
         home = self._account.make_dir(self.directory / name)
         server = Postmaster(name, home / "data")
-        node = _Node(name, home, _free_port(), server, log=home / "postgres.log")
+        node = Node(name, home, _free_port(), server, log=home / "postgres.log")
         self._nodes[name] = node
         return node
 
@@ -368,14 +334,12 @@ class LocalTopology(TopologyLifecycle):
         proxies = self._proxy_runner()
         primary = self._nodes[PRIMARY]
         for name in self._names[1:]:
-            self._replication_ports[name] = proxies.add(
-                _replication_proxy(name), HOST, primary.port
-            )
+            self._replication_ports[name] = proxies.add(replication_proxy(name), HOST, primary.port)
 
     def _settings(self) -> dict[str, str]:
         settings = {
-            "listen_addresses": _conf_value(HOST),
-            "unix_socket_directories": _conf_value(str(self.directory)),
+            "listen_addresses": conf_value(HOST),
+            "unix_socket_directories": conf_value(str(self.directory)),
             "wal_level": "replica",
             "max_wal_senders": str(max(10, self.replicas + 4)),
             "max_replication_slots": str(max(10, self.replicas + 4)),
@@ -450,12 +414,12 @@ class LocalTopology(TopologyLifecycle):
                 dbname="postgres",
             )
         for name in self._names[1:]:
-            self._create_slot(node, _slot_name(name))
+            self._create_slot(node, slot_name(name))
 
     def _start_replica(self, name: str) -> None:
         node = self._new_node(name)
         node.upstream = PRIMARY
-        node.slot = _slot_name(name)
+        node.slot = slot_name(name)
         self._base_backup(node, self._nodes[PRIMARY], "-R", "-S", node.slot)
         if name in self._replication_ports:
             conninfo = make_dsn(
@@ -464,10 +428,10 @@ class LocalTopology(TopologyLifecycle):
                 user=self.user,
                 password=self._password,
             )
-            _set_auto_conf(node.data, {"primary_conninfo": str(conninfo)}, self._account)
+            set_auto_conf(node.data, {"primary_conninfo": str(conninfo)}, self._account)
         self._pg_ctl_start(node, first=True)
 
-    def _base_backup(self, node: _Node, source: _Node, *options: str) -> None:
+    def _base_backup(self, node: Node, source: Node, *options: str) -> None:
         """``pg_basebackup`` of ``source`` into ``node``'s data directory (must not exist)."""
         self._account.run(
             [
@@ -491,7 +455,7 @@ class LocalTopology(TopologyLifecycle):
             env=self._client_env(),
         )
 
-    def _pg_ctl_start(self, node: _Node, first: bool = False) -> None:
+    def _pg_ctl_start(self, node: Node, first: bool = False) -> None:
         """``pg_ctl start``; on a first start, retry on another port if this one was taken."""
         for attempt in range(_PORT_ATTEMPTS):
             logged = file_size(node.log)
@@ -504,7 +468,7 @@ class LocalTopology(TopologyLifecycle):
                         "start",
                         "-w",
                         "-t",
-                        str(_START_TIMEOUT),
+                        str(START_TIMEOUT),
                         "-D",
                         str(node.data),
                         "-l",
@@ -512,7 +476,7 @@ class LocalTopology(TopologyLifecycle):
                         "-o",
                         options,
                     ],
-                    timeout=_START_TIMEOUT + 30,
+                    timeout=START_TIMEOUT + 30,
                 )
             except RuntimeError as exc:
                 text = tail(node.log, logged)
@@ -524,7 +488,7 @@ class LocalTopology(TopologyLifecycle):
             node.server.pid()  # remember its pid
             return
 
-    def _wait_streaming(self, names: Sequence[str], timeout: float = _START_TIMEOUT) -> None:
+    def _wait_streaming(self, names: Sequence[str], timeout: float = START_TIMEOUT) -> None:
         slots = {self._nodes[n].slot for n in names}
         sql = (
             "SELECT s.slot_name FROM pg_replication_slots s"
@@ -536,58 +500,7 @@ class LocalTopology(TopologyLifecycle):
             f"replicas {sorted(names)} streaming",
         )
 
-    # ---------------------------------------------------------------- SQL and waiting
-
-    def _query(
-        self,
-        node: str,
-        sql: str,
-        params: Sequence[Any] | Mapping[str, Any] = (),
-        dbname: str | None = None,
-        connect_timeout: int = 5,
-    ) -> list[tuple[Any, ...]]:
-        return run_sql(
-            self._dsn(self._node(node).port, dbname),
-            sql,
-            params,
-            connect_timeout=connect_timeout,
-            application_name="areplica-topology",
-        )
-
-    @staticmethod
-    def _poll(
-        predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.02
-    ) -> None:
-        deadline = time.monotonic() + timeout
-        last: BaseException | None = None
-        while True:
-            try:
-                if predicate():
-                    return
-            except psycopg2.Error as exc:
-                last = exc
-            if time.monotonic() > deadline:
-                detail = f" (last error: {str(last).strip()})" if last else ""
-                raise TimeoutError(f"timed out after {timeout}s waiting for {what}{detail}")
-            time.sleep(interval)
-
     # ---------------------------------------------------------------- addresses
-
-    def _node(self, name: str, closed_ok: bool = False) -> _Node:
-        if name not in self._names:
-            raise KeyError(f"no node {name!r}; nodes are {self._names}")
-        if self._owner.closed and not closed_ok:
-            raise RuntimeError("the topology is closed")
-        try:
-            return self._nodes[name]
-        except KeyError:
-            raise RuntimeError(f"{name} was not created (is the topology started?)") from None
-
-    def _dsn(self, port: int, dbname: str | None = None) -> str:
-        auth = quote(self.user, safe="")
-        if self._password is not None:
-            auth += ":" + quote(self._password, safe="")
-        return f"postgresql://{auth}@{HOST}:{port}/{quote(dbname or self.dbname, safe='')}"
 
     def dsn(self, node: str) -> str:
         """A libpq URL for ``node`` (through its proxy when ``proxies=True``)."""
@@ -619,7 +532,7 @@ class LocalTopology(TopologyLifecycle):
         """``node``'s server log."""
         return self._node(node).log
 
-    # ---------------------------------------------------------------- processes
+    # ---------------------------------------------------------------- processes and replay
 
     def pids(self, node: str) -> list[int]:
         """``node``'s live processes, postmaster first, then its children (empty if down)."""
@@ -628,90 +541,6 @@ class LocalTopology(TopologyLifecycle):
     def running(self, node: str) -> bool:
         """Whether ``node``'s postmaster is alive (hung counts as running)."""
         return self._node(node, closed_ok=True).server.pid() is not None
-
-    def kill(self, node: str) -> None:
-        """SIGKILL ``node``'s postmaster and its children (only those pids); wait until gone."""
-        n = self._node(node)
-        if not n.server.kill():
-            raise RuntimeError(f"{node} is not running")
-        n.hung = False
-
-    def hang(self, node: str) -> None:
-        """SIGSTOP every process of ``node``: connections stay open, nothing answers."""
-        n = self._node(node)
-        n.server.hang()
-        n.hung = True
-
-    def resume(self, node: str) -> None:
-        """SIGCONT every process of ``node`` (undoes :meth:`hang`)."""
-        n = self._node(node)
-        n.server.resume()
-        n.hung = False
-
-    def stop(self, node: str) -> None:
-        """``pg_ctl stop -m fast``; nothing if ``node`` is not running."""
-        n = self._node(node)
-        if n.hung:
-            self.resume(node)
-        if n.server.pid() is None:
-            return
-        self._pg_ctl("stop", n, "-m", "fast", "-w", "-t", str(_START_TIMEOUT))
-
-    def start_node(self, node: str) -> None:
-        """``pg_ctl start`` ``node`` again on its port (after :meth:`stop` or :meth:`kill`)."""
-        n = self._node(node)
-        if n.server.pid() is not None:
-            return
-        n.server.clear_stale(self.directory, n.port)
-        self._pg_ctl_start(n)
-
-    def promote(self, node: str) -> None:
-        """``pg_ctl promote`` ``node``; return once ``pg_is_in_recovery()`` is false there.
-
-        The promoted node becomes the one :meth:`wait_replicated` measures against; the other
-        replicas keep following the node they followed.
-        """
-        self._promote(self._node(node))
-        self._source = node
-
-    def _promote(self, n: _Node) -> None:
-        if n.upstream is None:
-            raise RuntimeError(f"{n.name} is not a replica")
-        self._pg_ctl("promote", n, "-w", "-t", str(_START_TIMEOUT))
-        self._poll(
-            lambda: not self._query(n.name, "SELECT pg_is_in_recovery()")[0][0],
-            _START_TIMEOUT,
-            f"{n.name} to leave recovery",
-        )
-        n.upstream = None
-
-    def _pg_ctl(self, action: str, n: _Node, *args: str) -> None:
-        self._account.run(
-            [str(self.bin_dir / "pg_ctl"), action, "-D", str(n.data), *args],
-            timeout=_START_TIMEOUT + 30,
-        )
-
-    def set_apply_delay(self, node: str, ms: int) -> None:
-        """Make replica ``node`` replay commits ``ms`` milliseconds late (0: no delay).
-
-        Returns once the new ``recovery_min_apply_delay`` is in force.
-        """
-        n = self._node(node)
-        if n.upstream is None:
-            raise RuntimeError(f"{node} is not a replica")
-        if ms < 0:
-            raise ValueError("ms must be >= 0")
-        if ms:
-            self._query(node, "ALTER SYSTEM SET recovery_min_apply_delay = %s", (f"{int(ms)}ms",))
-        else:
-            self._query(node, "ALTER SYSTEM RESET recovery_min_apply_delay")
-        self._query(node, "SELECT pg_reload_conf()")
-        sql = "SELECT setting FROM pg_settings WHERE name = 'recovery_min_apply_delay'"
-        self._poll(
-            lambda: int(self._query(node, sql)[0][0]) == int(ms),
-            10.0,
-            f"recovery_min_apply_delay = {int(ms)}ms on {node}",
-        )
 
     def wait_replicated(self, timeout: float = 30, source: str | None = None) -> None:
         """Wait until every running replica has replayed all WAL the primary has written.
@@ -740,9 +569,9 @@ class LocalTopology(TopologyLifecycle):
                 interval=0.01,
             )
 
-    def _followers(self, source: str) -> list[_Node]:
+    def _followers(self, source: str) -> list[Node]:
         """Running, unhung nodes streaming from ``source``, directly or through such nodes."""
-        found: list[_Node] = []
+        found: list[Node] = []
         upstreams = [source]
         while upstreams:
             upstream = upstreams.pop()
@@ -751,254 +580,3 @@ class LocalTopology(TopologyLifecycle):
                     found.append(n)
                     upstreams.append(n.name)
         return found
-
-    # ---------------------------------------------------------------- history and HA
-
-    def add_replica(self, name: str, upstream: str | None = None) -> str:
-        """Add a standby ``name`` streaming from ``upstream`` (a primary or another standby).
-
-        Without ``upstream``, from the node replicas follow. The standby gets a slot on its
-        upstream, a base backup (see :meth:`rebuild` for where from), the topology's settings
-        and a proxy when ``proxies=True``. Returns its name once it streams.
-        """
-        if not _NODE_NAME.fullmatch(name):
-            raise ValueError(f"node names are lowercase letters, digits, '-' and '_': {name!r}")
-        if name in self._names:
-            raise ValueError(f"there is a node {name!r} already")
-        source = self._running_node(upstream or self._source)
-        node = self._new_node(name)
-        self._names.append(name)
-        self._clone(node, source, first=True)
-        if self.proxies and self._proxies is not None:
-            node.proxy_port = self._proxies.add(name, HOST, node.port)
-        return name
-
-    def rebuild(self, node: str, source: str) -> None:
-        """Wipe ``node``'s data and clone it anew from ``source``; it then streams from there.
-
-        ``node`` is stopped first (whatever it was: a standby, an old primary, a killed
-        node); its slot on the node it followed is dropped. The base backup comes from
-        ``source`` itself when it is a primary or the topology is ``rewindable``; else from
-        the primary ``source`` streams from, since PostgreSQL refuses a backup from a standby
-        that replayed WAL written with ``full_page_writes = off``. Standbys that streamed
-        from ``node`` lose their slot on it: rebuild them too.
-        """
-        n, upstream = self._node(node), self._running_node(source)
-        self._check_can_follow(n, upstream)
-        self._take_down(n)
-        shutil.rmtree(n.data)
-        self._clone(n, upstream, first=False)
-        self._reroot()
-
-    def rewind(self, node: str, source: str) -> None:
-        """``pg_rewind`` ``node`` (an old primary) onto ``source``'s history; then it streams
-        from ``source``.
-
-        ``node`` is stopped first if it runs (a killed one is recovered by ``pg_rewind``
-        itself, PostgreSQL 13 or newer). Its writes after the histories diverged are lost,
-        as in production. Standbys that followed ``node`` past that point diverged too:
-        rebuild them. Needs ``rewindable=True``.
-        """
-        if not self.rewindable:
-            raise RuntimeError("rewind() needs a topology created with rewindable=True")
-        n, upstream = self._node(node), self._running_node(source)
-        self._check_can_follow(n, upstream)
-        self._take_down(n)
-        # pg_rewind reads the source's timeline from its control file, which a promoted
-        # node updates only at its first checkpoint: without one, "no rewind required".
-        self._query(upstream.name, "CHECKPOINT")
-        self._account.run(
-            [
-                str(self.bin_dir / "pg_rewind"),
-                "-D",
-                str(n.data),
-                "--source-server",
-                str(make_dsn(host=HOST, port=upstream.port, user=self.user, dbname="postgres")),
-                "--no-sync",
-            ],
-            timeout=_START_TIMEOUT * 3,
-            env=self._client_env(),
-        )
-        n.slot = _slot_name(n.name)
-        self._create_slot(upstream, n.slot)
-        self._follow(n, upstream, first=False)
-        self._reroot()
-
-    def fork(self, node: str) -> None:
-        """Promote standby ``node`` while the node it streams from keeps running: a split brain.
-
-        Both then accept writes, on diverging timelines (the promoted one on the next
-        timeline). The other standbys keep following the old node: their
-        ``primary_conninfo`` names its port, and it never sends them the new timeline, so
-        they stay on its history. Unlike :meth:`promote`, the old node remains the one
-        :meth:`wait_replicated` measures against. ``node``'s slot on the old node is dropped.
-        """
-        n = self._node(node)
-        old = self._nodes[n.upstream] if n.upstream is not None else None
-        slot = n.slot
-        self._promote(n)
-        if old is not None and slot is not None:
-            self._drop_slot(old, slot)
-        n.slot = None
-
-    def timeline(self, node: str) -> int:
-        """The timeline ``node`` writes WAL on (a primary) or receives it on (a standby)."""
-        sql = (
-            "SELECT CASE WHEN pg_is_in_recovery() THEN coalesce("
-            "(SELECT received_tli FROM pg_stat_wal_receiver),"
-            " (pg_control_checkpoint()).timeline_id)"
-            " ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int"
-            " END"
-        )
-        return int(self._query(node, sql)[0][0])
-
-    def _running_node(self, name: str) -> _Node:
-        n = self._node(name)
-        if n.server.pid() is None or n.hung:
-            raise RuntimeError(f"{name} is not running")
-        return n
-
-    def _check_can_follow(self, n: _Node, upstream: _Node) -> None:
-        """Refuse a loop: ``upstream`` must not be ``n`` nor stream from it."""
-        name: str | None = upstream.name
-        while name is not None:
-            if name == n.name:
-                raise ValueError(f"{upstream.name} streams from {n.name}: it cannot follow it")
-            name = self._nodes[name].upstream
-
-    def _take_down(self, n: _Node) -> None:
-        """Stop ``n`` (fast), drop its slot upstream, clear what a killed server left."""
-        self.stop(n.name)
-        if n.upstream is not None and n.slot is not None:
-            self._drop_slot(self._nodes[n.upstream], n.slot)
-        n.upstream = n.slot = None
-        n.server.clear_stale(self.directory, n.port)
-
-    def _clone(self, node: _Node, upstream: _Node, first: bool) -> None:
-        """Make ``node`` (no data yet) a standby of ``upstream`` and start it."""
-        node.slot = _slot_name(node.name)
-        self._create_slot(upstream, node.slot)
-        if upstream.upstream is None or self.rewindable:
-            self._base_backup(node, upstream, "-S", node.slot)
-        else:
-            self._base_backup(node, self._nodes[self._root(upstream.name)])
-        self._follow(node, upstream, first)
-
-    def _follow(self, node: _Node, upstream: _Node, first: bool) -> None:
-        """Configure ``node`` as a standby of ``upstream``, start it, wait until it streams."""
-        conninfo = make_dsn(host=HOST, port=upstream.port, user=self.user, password=self._password)
-        self._replication_ports.pop(node.name, None)  # streams directly from now on
-        _set_auto_conf(
-            node.data,
-            {"primary_conninfo": str(conninfo), "primary_slot_name": node.slot or ""},
-            self._account,
-        )
-        signal_file = node.data / "standby.signal"
-        signal_file.touch()
-        self._account.chown(signal_file)
-        node.upstream = upstream.name
-        self._pg_ctl_start(node, first=first)
-        # On the upstream's timeline: a rewound node streams the old one up to the switch
-        # first, then waits while its receiver restarts on the new one.
-        wanted = [("streaming", upstream.port, self.timeline(upstream.name))]
-        self._poll(
-            lambda: self._query(node.name, _RECEIVER_SQL) == wanted,
-            _START_TIMEOUT,
-            f"{node.name} streaming from {upstream.name}",
-        )
-
-    def _create_slot(self, n: _Node, slot: str) -> None:
-        self._query(
-            n.name,
-            "SELECT pg_create_physical_replication_slot(%s, true) WHERE NOT EXISTS"
-            " (SELECT FROM pg_replication_slots WHERE slot_name = %s)",
-            (slot, slot),
-        )
-
-    def _drop_slot(self, n: _Node, slot: str) -> None:
-        """Drop ``slot`` on ``n`` once its walsender is gone; nothing if ``n`` is down."""
-        if n.server.pid() is None or n.hung:
-            return
-        drop = (
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
-            " WHERE slot_name = %s AND NOT active"
-        )
-        exists = "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s"
-
-        def dropped() -> bool:
-            self._query(n.name, drop, (slot,))
-            return self._query(n.name, exists, (slot,)) == [(0,)]
-
-        self._poll(dropped, _START_TIMEOUT, f"slot {slot} dropped on {n.name}")
-
-    def _root(self, name: str) -> str:
-        """The primary at the top of ``name``'s chain of upstreams."""
-        while (upstream := self._nodes[name].upstream) is not None:
-            name = upstream
-        return name
-
-    def _reroot(self) -> None:
-        """After a node became a standby: replicas follow the primary at the top of its chain."""
-        self._source = self._root(self._source)
-
-    # ---------------------------------------------------------------- proxy faults
-
-    def _proxy(self) -> ProxyThread | ProxyProcess:
-        if self._proxies is None:
-            raise RuntimeError("no proxies: create the topology with proxies=True")
-        return self._proxies
-
-    def _proxy_name(self, node: str, replication: bool) -> str:
-        """The name of ``node``'s client proxy, or of the proxy it streams through."""
-        n = self._node(node)
-        if not replication:
-            if n.proxy_port is None:
-                raise RuntimeError("no proxies: create the topology with proxies=True")
-            return node
-        if node not in self._replication_ports:
-            raise RuntimeError(
-                f"{node} does not stream through a proxy: create the topology with "
-                "replication_proxies=True (standbys configured later stream directly)"
-            )
-        return _replication_proxy(node)
-
-    def delay(self, node: str, ms: float, *, replication: bool = False) -> None:
-        """Add ``ms`` milliseconds to every chunk crossing ``node``'s proxy, both ways.
-
-        ``replication=True``: the proxy standby ``node`` streams through instead.
-        """
-        self._proxy().delay(self._proxy_name(node, replication), ms)
-
-    def blackhole(self, node: str, *, replication: bool = False) -> None:
-        """``node``'s proxy accepts and keeps connections but forwards nothing (until heal)."""
-        self._proxy().blackhole(self._proxy_name(node, replication))
-
-    def cut(self, node: str, *, replication: bool = False) -> None:
-        """Reset every connection through ``node``'s proxy now; new ones work as usual."""
-        self._proxy().cut(self._proxy_name(node, replication))
-
-    def heal(self, node: str, *, replication: bool = False) -> None:
-        """``node``'s proxy forwards normally again (no delay, no blackhole)."""
-        self._proxy().heal(self._proxy_name(node, replication))
-
-
-_RECEIVER_SQL = "SELECT status, sender_port, received_tli FROM pg_stat_wal_receiver"
-
-
-def _replication_proxy(node: str) -> str:
-    """The name of the proxy standby ``node`` streams through."""
-    return f"{node}/replication"
-
-
-def _set_auto_conf(data: Path, settings: Mapping[str, str], account: ServiceAccount) -> None:
-    """Set ``settings`` in ``postgresql.auto.conf`` (replacing earlier lines of theirs).
-
-    A cloned or rewound data directory brings its source's settings there (a standby's
-    ``primary_conninfo``, say): the new ones must replace them, not follow them.
-    """
-    path = data / "postgresql.auto.conf"
-    lines = path.read_text().splitlines() if path.exists() else []
-    kept = [ln for ln in lines if ln.split("=", 1)[0].strip() not in settings]
-    kept += [f"{key} = {_conf_value(value)}" for key, value in settings.items()]
-    path.write_text("\n".join(kept) + "\n")
-    account.chown(path)
