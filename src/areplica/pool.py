@@ -181,6 +181,11 @@ class NodePool:
         return self._free <= 0
 
     @property
+    def contended(self) -> bool:
+        """True while callers wait for a slot (a connection handed back goes to one)."""
+        return bool(self._waiters)
+
+    @property
     def capped(self) -> bool:
         """True while the pool lives within what the server (or its pooler) admitted."""
         return self._cap_handle is not None

@@ -22,7 +22,7 @@ Which position a read requires follows program order (the README's table has eve
 A write under contention records no position yet, only an epoch (``unknown_writes``); a
 read of a cell holding one first settles it with a read of the primary's position started
 after that epoch (``Positions`` in ``writes``, shared), so positions of writes nobody reads
-after are never waited for.
+after are never read.
 
 The mechanism needs no task factory: each task gets a *cell* (its position and time of last
 write) on its first query, in a ContextVar of this manager. A cell that rises above its start

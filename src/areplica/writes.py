@@ -14,17 +14,19 @@ never sends a write twice. Writes are never retried. What a failure says is what
   position or go to the primary. Logged and counted (``unknown_positions``).
 
 In ``causal`` mode every write records in its session the primary's WAL position after its
-commit. With a driver that keeps every result of a query string (psycopg), a single
-INSERT, UPDATE, DELETE, MERGE or WITH statement is sent as ``BEGIN; <write>; COMMIT;
-SELECT pg_current_wal_insert_lsn()``, one simple query: the position comes back in the
-write's own round trip (a failed write leaves the block aborted: it is rolled back before
-the connection is reused). Other writes, and every write with aiopg (psycopg2 keeps only
-the last result), read it after their commit. Without contention it is read on the write's
-connection. Under contention (callers
-wait for a connection) the write returns at its commit, its session notes the position as
-not read yet, and one read of the primary's position, started at once in the background and
-shared by every write noted before it started (``Positions``), settles it; the session's
-next read uses that answer, or waits for it.
+commit. Without contention (no caller waits for a connection to the primary when the write
+is sent, for psycopg; when it is done, for aiopg), the position comes with the write: with
+a driver that keeps every result of a query string (psycopg), a single INSERT, UPDATE,
+DELETE, MERGE or WITH statement is sent as ``BEGIN; <write>; COMMIT; SELECT
+pg_current_wal_insert_lsn()``, one simple query, the position in the write's own round trip
+(a failed write leaves the block aborted: it is rolled back before the connection is
+reused); other writes, and every write with aiopg (psycopg2 keeps only the last result),
+read it on their connection after the commit. Under contention the write is sent as it is
+and returns at its commit, reading no position: its session notes it as not read yet (an
+epoch), and the session's next read (or ``settled_token()``) settles it with one read of
+the primary's position started after it, shared by every write noted before that read
+started (``Positions``). A write nobody reads after costs no position at all: under
+contention the primary's connections go to writes, not to positions.
 """
 
 from __future__ import annotations
@@ -183,11 +185,10 @@ class WritePath:
 
         ``timeout`` bounds the wait for a connection only: a write once sent is never cut
         short by areplica (its outcome would be unknown). Without contention the position
-        covering the commit is read on the same connection. When other callers wait for a
-        connection, it goes back as soon as the statement and its results are done and the
-        write returns: ``Positions`` reads the position in the background (one read covers
-        every write committed before it started), and the session's next read settles with
-        it.
+        covering the commit comes in the write's round trip (psycopg) or is read on the same
+        connection (aiopg). When other callers wait for a connection, it goes back as soon as
+        the statement and its results are done and the write returns, its position unread:
+        the session's next read settles it (``Positions``, one read for every write before).
         """
         core = self._core
         timings = core.timings
@@ -206,7 +207,9 @@ class WritePath:
         fetch_error: Exception | None = None
         after_commit: Exception | None = None
         causal = core.options.consistency == "causal"
-        wrapped = in_band(sql) if causal and core.driver.all_results else None
+        # With callers waiting for a connection the write is sent bare: no position now.
+        in_band_ok = causal and core.driver.all_results and not pool.contended
+        wrapped = in_band(sql) if in_band_ok else None
         lsn: int | None = None
         node.in_flight += 1
         try:
@@ -224,11 +227,11 @@ class WritePath:
                     if wrapped is not None:
                         lsn = await _position_in_band(cursor)
                         timings.positions_in_band += 1
-                    elif causal and (pool.closed or not pool.saturated):
+                    elif causal and (pool.closed or not pool.contended):
                         # Nobody waits for this connection (or the pool is closing): the
                         # position is read on it at once, which leaves the least time for
                         # a crash between the commit and its position. Under contention
-                        # the connection goes back first and a shared read follows.
+                        # the connection goes back first; the session's next read settles.
                         lsn = await _read_position(cursor)
                         timings.position_reads += 1
             discard = fetch_error is not None and core.driver.is_disconnect(fetch_error)
@@ -259,10 +262,10 @@ class WritePath:
             self._sessions.note_write(lsn, timeline)
         else:
             # Under contention: acknowledged at its commit. The session requires a position
-            # read after it (an epoch); that read starts now, shared with every write
-            # noted before it starts, so the next read rarely waits for it.
+            # read after it (an epoch): its next read starts one, shared with every write
+            # noted before it starts; a session that never reads again costs none.
             self._sessions.note_unknown_write()
-            self.positions.request(self._sessions.unknown_writes, writes=1)
+            self.positions.noted()
         if fetch_error is not None:
             self._failed(node, fetch_error)  # raises NoPrimaryError on a broken connection
             with peewee.__exception_wrapper__:  # type: ignore[attr-defined]
@@ -343,14 +346,15 @@ class Positions:
 
     A session needs a read of the primary's insert position *started after* its write was
     acknowledged (then it covers the commit record); ``Sessions.unknown_writes`` orders
-    them: a read started when it was N covers every write noted as N or before. One reader
-    task reads as long as someone waits: a write under contention starts it at its commit
-    (``request`` without waiting), a read of a session that needs it waits for the answer.
-    Requests that come while a read covering them is in flight join it; the others wait
-    for the next, which covers them all. Each answer is remembered by the sessions
-    (``Sessions.remember``), which settles later reads it covers without a round trip.
-    A read that fails leaves its writes' positions unknown (counted in
-    ``unknown_positions``, logged): the next read needing one tries again.
+    them: a read started when it was N covers every write noted as N or before. A write
+    under contention only counts itself (``noted``); the reader task reads while a read of
+    a session that needs a position waits for one (``request``), so writes nobody reads
+    after cost nothing. Requests that come while a read covering them is in flight join
+    it; the others wait for the next, which covers them all. Each answer is remembered by
+    the sessions (``Sessions.remember``), which settles later reads it covers without a
+    round trip. A read that fails leaves the positions of the writes noted before it
+    unknown (counted in ``unknown_positions``, logged): the next read needing one tries
+    again.
     """
 
     def __init__(self, core: Core, sessions: Sessions) -> None:
@@ -358,7 +362,8 @@ class Positions:
         self._sessions = sessions
         self._source: PositionSource | None = None
         self._next: asyncio.Future[Answer | None] | None = None
-        self._next_writes = 0
+        #: Writes noted since the last read started (what a failed read leaves unknown).
+        self._noted = 0
         self._inflight: tuple[int, asyncio.Future[Answer | None]] | None = None
         self._reader: asyncio.Task[None] | None = None
 
@@ -366,11 +371,12 @@ class Positions:
         """Read positions with ``source`` (the read path's, with its bounds and retries)."""
         self._source = source
 
-    def request(self, need: int, *, writes: int = 0) -> asyncio.Future[Answer | None]:
-        """The first read covering writes noted up to ``need``, started if none is coming.
+    def noted(self) -> None:
+        """A write under contention was acknowledged without its position (no read starts)."""
+        self._noted += 1
 
-        ``writes``: how many writes this request stands for (counted if the read fails).
-        """
+    def request(self, need: int) -> asyncio.Future[Answer | None]:
+        """The first read covering writes noted up to ``need``, started if none is coming."""
         inflight = self._inflight
         if inflight is not None and inflight[0] >= need:
             return inflight[1]
@@ -379,7 +385,6 @@ class Positions:
         if future is None:
             future = self._next = loop.create_future()
             future.add_done_callback(_retrieve)
-        self._next_writes += writes
         if self._reader is None or self._reader.done():
             self._reader = loop.create_task(
                 self._serve(), name=f"{self._core.name}-write-positions"
@@ -388,7 +393,7 @@ class Positions:
 
     async def _serve(self) -> None:
         while (future := self._next) is not None:
-            writes, self._next, self._next_writes = self._next_writes, None, 0
+            writes, self._next, self._noted = self._noted, None, 0
             start = self._sessions.unknown_writes
             self._inflight = (start, future)
             try:

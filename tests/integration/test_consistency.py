@@ -88,16 +88,15 @@ async def test_1000_write_then_read_pairs(
             results[mode] = (stale, served)
             spent = {k: v - before[k] for k, v in mgr.timings().items()}
             assert spent["writes"] == 1000 and spent["reads"] >= 1000, spent
-            if options["consistency"] == "causal" and driver == "psycopg":
-                # Every write's position came back in its own round trip (BEGIN; write;
-                # COMMIT; position): no separate read.
-                assert spent["positions_in_band"] == 1000, spent
-                assert spent["position_reads"] == 0, spent
-            elif options["consistency"] == "causal":
-                # Positions are read after commits, one read for every write committed
-                # before it started: fewer reads than writes under this concurrency.
-                assert 0 < spent["position_reads"] < spent["writes"], spent
-                assert spent["positions_in_band"] == 0, spent
+            if options["consistency"] == "causal":
+                # 1000 pairs on 10 connections: most writes find callers waiting and return
+                # at their commit; their sessions' reads share reads of the primary's
+                # position, fewer than one per write (psycopg's uncontended writes carry
+                # theirs in band, aiopg's read it on their connection).
+                assert 0 < spent["position_reads"], spent
+                assert spent["position_reads"] + spent["positions_in_band"] < 1000, spent
+                if driver == "aiopg":
+                    assert spent["positions_in_band"] == 0, spent
                 print(f"[{driver}] {mode}: {spent['position_reads']} position reads")
             else:
                 assert spent["position_reads"] == spent["positions_in_band"] == 0, spent
