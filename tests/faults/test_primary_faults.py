@@ -206,6 +206,53 @@ async def test_a_write_whose_position_died_with_the_primary_is_read_on_the_new_o
         await impatient.close()
 
 
+@pytest.mark.parametrize("driver", ["aiopg", "psycopg"])
+async def test_contended_writes_unread_when_the_primary_dies_are_read_on_the_new_one(
+    own_topo: LocalTopology, driver: str
+) -> None:
+    """Writes under contention return unread; the primary dies before the session reads.
+
+    Their positions are read only when a read needs them (README, "Consistency modes"): here
+    after the crash. The read waits for a primary (``primary_wait``), settles on the
+    promoted standby's position and sees all six rows, on the new timeline; nothing is
+    counted as an unknown position, nothing fails.
+    """
+    mgr = fault_manager(own_topo, driver=driver, primary_wait=30.0, pool_size=1)
+    await mgr.connect()
+    try:
+        prefix = f"unread-{driver}-"
+        before = mgr.timings()
+
+        async def writer(i: int) -> None:
+            await mgr.execute_sql("INSERT INTO fault_log (tag) VALUES (%s)", [f"{prefix}{i}"])
+
+        await asyncio.gather(*(asyncio.create_task(writer(i)) for i in range(6)))
+        written = mgr.timings()
+        read_then = (written["position_reads"] - before["position_reads"]) + (
+            written["positions_in_band"] - before["positions_in_band"]
+        )
+        assert read_then <= 2, read_then  # at most the writes that found nobody waiting
+        assert mgr.token == "FFFFFFFF/FFFFFFFF/FFFFFFFF"  # this task requires them, unread
+        await asyncio.to_thread(own_topo.wait_replicated)  # the writes survive the failover
+        own_topo.kill("primary")
+        sql = "SELECT (SELECT count(*) FROM fault_log WHERE tag LIKE %s), inet_server_port()"
+
+        async def reader() -> Any:
+            return await mgr.execute_sql(sql, [prefix + "%"])
+
+        read = asyncio.ensure_future(reader())
+        await asyncio.sleep(1.0)
+        assert not read.done(), read  # waiting for a primary, not failed, not stale
+        await asyncio.to_thread(own_topo.promote, "replica-1")
+        rows = await read
+        assert rows is not None and rows[0][0] == 6, rows
+        token = mgr.token
+        assert token is not None and token.startswith("2/"), token  # the new timeline's
+        assert mgr.unknown_positions == 0
+    finally:
+        await mgr.close()
+
+
 @pytest.mark.parametrize("noticed", [True, False], ids=["seen-down", "not-seen-yet"])
 async def test_a_session_read_waits_for_the_standbys_when_its_primary_dies(
     own_topo: LocalTopology, noticed: bool
