@@ -347,7 +347,7 @@ def rotated(names: Sequence[str], round_index: int) -> list[str]:
 
 #: Cumulative seconds in ``mgr.timings()``, in the order they are reported.
 TIMING_SECONDS = ("slot_wait_s", "catch_up_s", "query_s", "write_s", "write_position_s")
-TIMING_COUNTS = ("reads", "writes")
+TIMING_COUNTS = ("reads", "writes", "position_reads", "positions_in_band")
 
 
 def library_timings(mgr: Any) -> dict[str, float] | None:
