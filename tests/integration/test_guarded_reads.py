@@ -55,6 +55,21 @@ async def write_then_read(mgr: ReplicaManager, sql: str = READ) -> tuple[int, in
     return int(rows[0][0]), int(rows[0][1]), time.monotonic() - began
 
 
+async def standbys_have(topology: LocalTopology, lsn: int, timeout: float = 30.0) -> None:
+    """Until both standbys report a replay position at or past ``lsn`` (their own answer)."""
+    sql = "SELECT pg_last_wal_replay_lsn() - pg_lsn '0/0'"
+
+    def replayed() -> bool:
+        return all(
+            int(sql_on(topology, name, sql)[0][0]) >= lsn for name in ("replica-1", "replica-2")
+        )
+
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(replayed):
+        assert time.monotonic() < deadline, f"standbys did not replay {lsn:X} in {timeout}s"
+        await asyncio.sleep(0.005)
+
+
 @pytest.mark.parametrize("driver", DRIVERS)
 async def test_reads_after_writes_are_fresh_on_standbys(table: LocalTopology, driver: str) -> None:
     """Fifty sessions, each reading its write back at once: every read sees it, on a standby."""
@@ -78,8 +93,7 @@ async def test_reads_after_writes_are_fresh_on_standbys(table: LocalTopology, dr
                 await mgr.execute_sql("INSERT INTO guarded (tag) VALUES (%s)", [tag])
                 token = await mgr.settled_token()
                 assert token is not None
-                lsn = parse_token(token) & LSN_MASK
-                await asyncio.to_thread(table.wait_replicated, lsn=lsn)
+                await standbys_have(table, parse_token(token) & LSN_MASK)
                 rows = await mgr.execute_sql(READ, [tag])
             assert rows is not None
             results.append((int(rows[0][0]), int(rows[0][1]), 0.0))

@@ -542,25 +542,18 @@ class LocalTopology(LocalHistory):
         """Whether ``node``'s postmaster is alive (hung counts as running)."""
         return self._node(node, closed_ok=True).server.pid() is not None
 
-    def wait_replicated(
-        self, timeout: float = 30, source: str | None = None, lsn: int | None = None
-    ) -> None:
+    def wait_replicated(self, timeout: float = 30, source: str | None = None) -> None:
         """Wait until every running replica has replayed all WAL the primary has written.
 
         "The primary" is ``source``, by default the node replicas follow (the last promoted
         one, if any); its replicas are those streaming from it, directly or through other
         standbys (cascading). Replicas that are down, hung, behind one that is, or that
-        follow another node are skipped. ``lsn``: wait for that position instead (a
-        session's token can be past what the primary has written). Raises TimeoutError.
+        follow another node are skipped. Raises TimeoutError.
         """
         primary = self._node(source or self._source)
         if primary.server.pid() is None or primary.hung:
             raise RuntimeError(f"{primary.name} (the primary) is not running")
-        target = (
-            lsn
-            if lsn is not None
-            else replay_target(self._query(primary.name, REPLAY_TARGET_SQL)[0])
-        )
+        target = replay_target(self._query(primary.name, REPLAY_TARGET_SQL)[0])
         replicas = self._followers(primary.name)
         deadline = time.monotonic() + timeout
         sql = "SELECT pg_last_wal_replay_lsn() - pg_lsn '0/0'"
